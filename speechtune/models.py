@@ -1,0 +1,89 @@
+"""Encoders: SpeechBrain's Hugging Face SSL wrapper with config overrides, and tiny offline models.
+
+Every ``*_hub`` key accepts a hub id (``microsoft/wavlm-large``) or a local folder in HF format.
+Tests and the bundled default never download: they build a small random-init model from a config
+and save it in HF format to a local folder (``build_tiny_encoder``).
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
+from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor
+
+logger = logging.getLogger(__name__)
+
+TINY_MARKER = "speechtune_tiny.json"
+
+
+class SSLEncoder(Wav2Vec2):
+    """WavLM / wav2vec2 / HuBERT encoder (``AutoModel``) with HF config overrides from yaml.
+
+    Arguments are those of SpeechBrain's ``Wav2Vec2`` plus ``config_overrides``, a dict applied to
+    the HF config before the weights load (e.g. ``layerdrop``, ``mask_time_prob``).
+    """
+
+    def __init__(self, source, save_path, config_overrides=None, **kwargs):
+        object.__setattr__(self, "_config_overrides", dict(config_overrides or {}))
+        super().__init__(source, save_path, **kwargs)
+
+    def override_config(self, config):
+        """Apply ``config_overrides`` (unknown attribute names are an error)."""
+        for key, value in self._config_overrides.items():
+            if not hasattr(config, key):
+                raise ValueError(f"config_overrides: {type(config).__name__} has no '{key}'")
+            setattr(config, key, value)
+        return config
+
+    def output_frames(self, num_samples: int) -> int:
+        """Number of encoder frames for ``num_samples`` input samples (the CNN's arithmetic)."""
+        n = self.model._get_feat_extract_output_lengths(torch.tensor(num_samples))
+        return int(n)
+
+
+def build_tiny_encoder(path, model_type="wavlm", seed=0, **config):
+    """Write a random-init SSL encoder of ``model_type`` built from ``config`` to ``path`` (HF format).
+
+    Also writes the feature extractor (``preprocessor_config.json``: 16 kHz, per-utterance
+    normalisation, attention masks) so SpeechBrain's wrapper loads the folder like a hub model.
+    """
+    path = Path(path)
+    torch.manual_seed(seed)
+    hf_config = AutoConfig.for_model(model_type, **config)
+    model = AutoModel.from_config(hf_config)
+    model.save_pretrained(path)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+        return_attention_mask=True,
+    ).save_pretrained(path)
+    (path / TINY_MARKER).write_text(json.dumps({"model_type": model_type, "seed": seed, **config},
+                                               default=list))
+    logger.info("built tiny %s encoder (%.2fM parameters) in %s", model_type,
+                sum(p.numel() for p in model.parameters()) / 1e6, path)
+    return str(path)
+
+
+def ensure_tiny_encoder(encoder_hub, tiny_encoder, build_dir):
+    """Resolve the encoder source: ``encoder_hub`` as is, or a tiny model built in ``build_dir``.
+
+    ``tiny_encoder`` is ``null`` (fine-tune ``encoder_hub``: a hub id or local folder) or a dict
+    ``{model_type: ..., <HF config keys>}``: then ``encoder_hub`` must equal ``build_dir``, where
+    the tiny model is built once and reused. A hub id together with a tiny config is an error,
+    not a silent tiny model.
+    """
+    if tiny_encoder is None:
+        return encoder_hub
+    if str(encoder_hub) != str(build_dir):
+        raise ValueError(
+            f"encoder_hub={encoder_hub} but `tiny_encoder` is set, which builds a random-init "
+            f"model in {build_dir}. To fine-tune {encoder_hub}, also pass --tiny_encoder=null."
+        )
+    path, config = Path(build_dir), dict(tiny_encoder)
+    marker = path / TINY_MARKER
+    if not marker.exists() or json.loads(marker.read_text()) != json.loads(
+        json.dumps({"seed": 0, **config}, default=list)
+    ):
+        build_tiny_encoder(path, **config)
+    return str(path)

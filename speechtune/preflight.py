@@ -1,0 +1,181 @@
+"""Pre-flight validation: find the data problems that silently ruin a run before any training step.
+
+The seed report lost a whole run to lower-case transcripts against an upper-case vocabulary (every
+character became ``<unk>``, WER stuck at 1.0). ``run_preflight`` checks every split for
+
+- audio files that are missing or unreadable,
+- manifest durations that disagree with the audio,
+- utterances with more CTC labels than encoder frames (the loss would be infinite),
+- valid/test text with characters outside the vocabulary, above a small threshold,
+
+and either stops with a message naming examples and the fix (``mode="error"``, the default) or
+drops the offending utterances and writes a report (``mode="skip"``).
+"""
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import soundfile as sf
+
+logger = logging.getLogger(__name__)
+
+
+class PreflightError(ValueError):
+    """The data failed pre-flight validation; the message says what and how to fix it."""
+
+
+@dataclass
+class Problem:
+    split: str
+    utt_id: str
+    kind: str
+    detail: str
+
+
+@dataclass
+class Report:
+    problems: list[Problem] = field(default_factory=list)
+    oov: dict[str, Counter] = field(default_factory=dict)  # split -> Counter of OOV characters
+    oov_rate: dict[str, float] = field(default_factory=dict)
+
+    def bad_ids(self, split):
+        return {p.utt_id for p in self.problems if p.split == split}
+
+    def write(self, path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("split\tID\tproblem\tdetail\n")
+            for p in self.problems:
+                f.write(f"{p.split}\t{p.utt_id}\t{p.kind}\t{p.detail}\n")
+            for split, counter in self.oov.items():
+                f.write(f"# {split}: out-of-vocabulary characters {dict(counter)} "
+                        f"({self.oov_rate[split]:.2%} of characters)\n")
+
+
+FIXES = {
+    "missing_audio": "check the `wav` column and --data_folder (the manifest's $data_root)",
+    "unreadable_audio": "re-encode the file (16 kHz mono FLAC/WAV) or remove the row",
+    "duration_mismatch": "re-run the corpus preparation in local/ so durations come from the audio",
+    "too_many_labels": "drop or split the utterance, or raise max_duration; CTC needs at least one "
+                       "encoder frame per label (two for a repeated character)",
+}
+
+
+def ctc_min_frames(labels) -> int:
+    """Frames CTC needs for a label sequence: one per label plus a blank between repeats."""
+    return len(labels) + sum(a == b for a, b in zip(labels, labels[1:], strict=False))
+
+
+def check_audio(split, rows, duration_tolerance):
+    """Missing/unreadable files and manifest-vs-audio duration disagreements."""
+    problems = []
+    for row in rows:
+        path = row["wav"]
+        if not Path(path).is_file():
+            problems.append(Problem(split, row["ID"], "missing_audio", path))
+            continue
+        try:
+            info = sf.info(path)
+        except Exception as err:  # soundfile raises several types for broken files
+            problems.append(Problem(split, row["ID"], "unreadable_audio", f"{path}: {err}"))
+            continue
+        declared, actual = float(row["duration"]), info.frames / info.samplerate
+        if abs(declared - actual) > max(duration_tolerance, 0.02 * actual):
+            problems.append(Problem(split, row["ID"], "duration_mismatch",
+                                    f"manifest {declared:.3f} s, audio {actual:.3f} s"))
+    return problems
+
+
+def check_labels(split, rows, normalize, frames_for_seconds):
+    """Utterances whose label sequence is longer than the encoder output can align."""
+    problems = []
+    for row in rows:
+        labels = list(normalize(row["wrd"]))
+        frames = frames_for_seconds(float(row["duration"]))
+        if ctc_min_frames(labels) > frames:
+            problems.append(Problem(split, row["ID"], "too_many_labels",
+                                    f"{ctc_min_frames(labels)} labels needed, {frames} frames"))
+    return problems
+
+
+def oov_characters(rows, normalize, vocab):
+    """Counter of out-of-vocabulary characters and their fraction of all characters."""
+    counter, total = Counter(), 0
+    for row in rows:
+        text = normalize(row["wrd"])
+        total += len(text)
+        counter.update(c for c in text if c not in vocab)
+    return counter, (sum(counter.values()) / total if total else 0.0)
+
+
+def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
+                  max_oov_rate=0.005, duration_tolerance=0.1, report_path=None):
+    """Validate manifests before training; return ``{split: set of IDs to drop}``.
+
+    Parameters
+    ----------
+    splits : dict
+        ``{split_name: rows}`` with rows from ``speechtune.data.read_manifest``.
+    normalize : callable
+        The recipe's text normaliser (the same one the training targets go through).
+    vocab : set of str
+        Characters the model can output (its CTC vocabulary without blank/unk).
+    frames_for_seconds : callable
+        Encoder output frames for an utterance of that many seconds (worst case over augmentation).
+    mode : "error" or "skip"
+        ``error`` raises ``PreflightError``; ``skip`` drops offending utterances and reports them.
+    max_oov_rate : float
+        Largest tolerated fraction of valid/test characters outside the vocabulary.
+    duration_tolerance : float
+        Seconds by which a manifest duration may differ from the audio (or 2%, the larger).
+    report_path : path, optional
+        Where to write the report (always written when given).
+
+    Returns
+    -------
+    dict mapping split name to the set of utterance IDs to drop (empty sets when all is well).
+    """
+    if mode not in ("error", "skip"):
+        raise ValueError(f"preflight mode must be 'error' or 'skip', got {mode!r}")
+    report = Report()
+    for split, rows in splits.items():
+        if not rows:
+            raise PreflightError(f"Split '{split}' is empty: check its manifest and the "
+                                 "min/max duration filters.")
+        report.problems += check_audio(split, rows, duration_tolerance)
+        report.problems += check_labels(split, rows, normalize, frames_for_seconds)
+        if split != "train":
+            counter, rate = oov_characters(rows, normalize, vocab)
+            report.oov[split], report.oov_rate[split] = counter, rate
+    if report_path is not None:
+        report.write(report_path)
+
+    oov_failures = {s: r for s, r in report.oov_rate.items() if r > max_oov_rate}
+    if oov_failures:  # a systematic mismatch (case, script, normaliser): never skippable
+        lines = [f"  {s}: {r:.1%} of characters are not in the vocabulary, e.g. "
+                 f"{[c for c, _ in report.oov[s].most_common(8)]}" for s, r in oov_failures.items()]
+        raise PreflightError(
+            "Text does not match the model vocabulary:\n" + "\n".join(lines)
+            + f"\nVocabulary: {''.join(sorted(vocab))!r}\nFix: normalise transcripts the way the "
+            "vocabulary expects (case, script, `language` normaliser), or rebuild the vocabulary "
+            "from training text that covers these characters. Tolerated: "
+            f"{max_oov_rate:.1%} (preflight_max_oov_rate)."
+        )
+    if report.problems and mode == "error":
+        kinds = Counter(p.kind for p in report.problems)
+        lines = []
+        for kind, n in kinds.items():
+            examples = [f"{p.split}/{p.utt_id} ({p.detail})" for p in report.problems
+                        if p.kind == kind][:3]
+            lines.append(f"  {kind}: {n} utterance(s), e.g. {'; '.join(examples)}\n"
+                         f"    fix: {FIXES[kind]}")
+        raise PreflightError(
+            "Pre-flight validation failed:\n" + "\n".join(lines)
+            + "\nOr pass --preflight=skip to drop these utterances (listed in the report"
+            + (f" {report_path}" if report_path else "") + ")."
+        )
+    for kind, n in Counter(p.kind for p in report.problems).items():
+        logger.warning("pre-flight: skipping %d utterance(s) with %s (see %s)", n, kind,
+                       report_path)
+    return {split: report.bad_ids(split) for split in splits}

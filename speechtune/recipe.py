@@ -1,0 +1,112 @@
+"""The shared recipe runner: hparams -> manifests -> pre-flight -> datasets -> Brain -> results.
+
+A recipe's ``train.py`` only supplies its corpus preparation (``prepare(hparams) -> Manifests``);
+everything else, identical for every corpus, lives here.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import speechbrain as sb
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.distributed import run_on_main
+
+from speechtune import data
+from speechtune.ctc import CTCBrain
+from speechtune.preflight import run_preflight
+from speechtune.text import get_normalizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Manifests:
+    """What a corpus preparation returns: one CSV per split (several test sets allowed)."""
+
+    train: str
+    valid: str
+    tests: dict[str, str] = field(default_factory=dict)
+
+
+def load_hparams(argv):
+    """Parse ``train.py hparams.yaml [--key=value ...]``, load the yaml, create the output folder."""
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with open(hparams_file, encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, overrides)
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+    )
+    return hparams, run_opts
+
+
+def _loader_kwargs(hparams, dataset, stage):
+    """Train: duration-budget batches (or fixed size); valid/test: fixed size, duration-sorted."""
+    if stage == "train" and hparams["dynamic_batching"]:
+        sampler = data.dynamic_batch_sampler(
+            dataset, hparams["max_batch_seconds"], hparams["num_buckets"], shuffle=True,
+            seed=hparams["seed"], max_batch_ex=hparams["max_batch_utterances"])
+        return {"batch_sampler": sampler, "num_workers": hparams["num_workers"]}
+    size = hparams["batch_size"] if stage == "train" else hparams["eval_batch_size"]
+    return {"batch_size": size, "shuffle": stage == "train", "num_workers": hparams["num_workers"]}
+
+
+def run_ctc(argv, prepare):
+    """Train and test a CTC recipe. ``prepare(hparams)`` returns the corpus ``Manifests``."""
+    hparams, run_opts = load_hparams(argv)
+    manifests = prepare(hparams)
+    run_on_main(lambda: None)  # barrier: preparation has finished on the main process
+    normalize = get_normalizer(hparams["language"])
+    data_root, save = hparams["data_folder"], Path(hparams["save_folder"])
+
+    rows = {"train": data.read_manifest(manifests.train, data_root),
+            "valid": data.read_manifest(manifests.valid, data_root)}
+    rows.update({name: data.read_manifest(p, data_root) for name, p in manifests.tests.items()})
+    lo, hi = hparams["min_duration"], hparams["max_duration"]
+    rows["train"] = [r for r in rows["train"] if lo <= float(r["duration"]) <= hi]
+
+    tokenizer = data.build_char_vocab((normalize(r["wrd"]) for r in rows["train"]),
+                                      save / "label_encoder.txt")
+    vocab = {c for c in tokenizer.lab2ind if c not in ("<blank>", "<unk>")}
+    encoder = hparams["encoder"]
+    rate = hparams["sample_rate"]
+    # speed perturbation to speeds[0] % shortens the audio most: check labels against that
+    shrink = 1.0 if hparams["augmenter"] is None else min(hparams["speeds"]) / 100
+    dropped = run_preflight(
+        rows, normalize, vocab,
+        frames_for_seconds=lambda s: encoder.output_frames(int(s * rate * shrink)),
+        mode=hparams["preflight"], max_oov_rate=hparams["preflight_max_oov_rate"],
+        report_path=Path(hparams["output_folder"]) / "preflight_report.tsv",
+    )
+
+    def dataset(split, path, **kw):
+        ds = data.load_split(path, data_root, sort=None if split == "train" else "duration", **kw)
+        if dropped[split]:
+            ds = ds.filtered_sorted(key_test={"id": lambda i: i not in dropped[split]})
+        return ds
+
+    train = dataset("train", manifests.train, min_duration=lo, max_duration=hi)
+    valid = dataset("valid", manifests.valid)
+    tests = {name: dataset(name, p) for name, p in manifests.tests.items()}
+    data.add_pipelines([train, valid, *tests.values()], normalize, tokenizer, rate)
+
+    head = hparams["head"](input_size=encoder.model.config.hidden_size,
+                           n_neurons=len(tokenizer.lab2ind))
+    hparams["checkpointer"].add_recoverable("head", head)
+    brain = CTCBrain(modules={"encoder": encoder, "head": head}, hparams=hparams,
+                     run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    brain.tokenizer = tokenizer
+    brain.fit(hparams["epoch_counter"], train, valid,
+              train_loader_kwargs=_loader_kwargs(hparams, train, "train"),
+              valid_loader_kwargs=_loader_kwargs(hparams, valid, "valid"))
+    results = {}
+    for name, ds in tests.items():
+        results[name] = brain.evaluate(ds, split=name,
+                                       test_loader_kwargs=_loader_kwargs(hparams, ds, "test"))
+    if sb.utils.distributed.if_main_process():
+        for name, stats in results.items():
+            print(f"[speechtune] {name}: WER {stats['WER']:.2f}%  CER {stats['CER']:.2f}%  "
+                  f"(best-WER checkpoint; alignments in {hparams['output_folder']}/wer_{name}.txt)")
+    return brain, results

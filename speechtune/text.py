@@ -1,0 +1,83 @@
+"""Text normalisation: a registry keyed by language code.
+
+Every recipe normalises references (and training targets) with ``get_normalizer(language)``.
+Normalisers never strip letters a language needs: they keep every Unicode letter (æ, ø, å, ä,
+ö, ü, ß, ...), lower-case with ``str.lower`` (not ``casefold``, which turns ß into ss) and
+compose to NFC so that "å" typed as a + combining ring equals the precomposed "å".
+
+To add a language, register a function::
+
+    from speechtune.text import register_normalizer, basic_normalize
+
+    @register_normalizer("xx")
+    def normalize_xx(text: str) -> str:
+        return basic_normalize(text)
+"""
+
+import re
+import unicodedata
+from collections.abc import Callable
+
+_NORMALIZERS: dict[str, Callable[[str], str]] = {}
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
+_SPACES = re.compile(r"\s+")
+
+
+def register_normalizer(*languages: str):
+    """Decorator: register ``fn(text) -> text`` as the normaliser of ``languages``."""
+
+    def wrap(fn):
+        for lang in languages:
+            _NORMALIZERS[lang] = fn
+        return fn
+
+    return wrap
+
+
+def available_languages() -> list[str]:
+    """Language codes that have a normaliser."""
+    return sorted(_NORMALIZERS)
+
+
+def get_normalizer(language: str) -> Callable[[str], str]:
+    """Return the normaliser for ``language`` or fail with a message that says how to add one."""
+    try:
+        return _NORMALIZERS[language]
+    except KeyError:
+        raise ValueError(
+            f"No text normaliser for language '{language}'. Available: "
+            f"{', '.join(available_languages())}. Add one with "
+            f"@speechtune.text.register_normalizer('{language}') (see speechtune/text.py)."
+        ) from None
+
+
+def basic_normalize(text: str, keep_apostrophe: bool = True) -> str:
+    """NFC, lower-case, punctuation and symbols to spaces, collapse whitespace; keep all letters."""
+    text = unicodedata.normalize("NFC", text).translate(_APOSTROPHES).lower()
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat[0] in "LNM" or (ch == "'" and keep_apostrophe):
+            out.append(ch)
+        else:
+            out.append(" ")
+    text = "".join(out)
+    if keep_apostrophe:  # an apostrophe only survives inside a word ("don't", not "'quoted'")
+        text = re.sub(r"(?<!\w)'|'(?!\w)", " ", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+@register_normalizer("en")
+def normalize_english(text: str) -> str:
+    """English: lower-case letters, digits and in-word apostrophes ("don't")."""
+    return basic_normalize(text, keep_apostrophe=True)
+
+
+# Languages whose orthography basic_normalize serves as is: letters (incl. æ ø å ä ö ü ß é ...)
+# and digits kept, punctuation dropped. Apostrophes are kept in words for the Romance and
+# Germanic languages that write them (l'homme, Peter's).
+register_normalizer("da", "nb", "nn", "sv", "de", "nl", "fi", "is", "pl", "cs", "es", "pt")(
+    lambda text: basic_normalize(text, keep_apostrophe=False)
+)
+register_normalizer("fr", "it", "ca")(lambda text: basic_normalize(text, keep_apostrophe=True))
+
