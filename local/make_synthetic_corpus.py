@@ -142,7 +142,8 @@ DA_FIXED = [
     "hvad koster det røde æble", "vi ses på fredag", "det regner meget i år",
     "jeg bor på en lille ø", "kan du høre fuglene synge", "hun går en tur ved åen",
     "børnene leger i sneen", "færgen sejler klokken otte", "jeg drikker kaffe med mælk",
-    "der står en blå båd på stranden", "han spørger om vejen til byen", "vi spiser æbleskiver til jul",
+    "der står en blå båd på stranden", "han spørger om vejen til byen",
+    "vi spiser æbleskiver til jul",
     "min bedstemor bor i århus", "solen skinner over søen", "det er koldt i nørrejylland",
     "katten sover på køkkenbordet", "må jeg få en øl", "han har to søstre og en bror",
 ]
@@ -180,7 +181,7 @@ DA_VOICES = [
 ]
 
 LANGS = {
-    # lang: (sentence generator, fixed sentences, voices, sentences per split, readings per sentence)
+    # lang: (generator, fixed sentences, voices, sentences per split, readings per sentence)
     "en": (english_sentences, EN_FIXED, EN_VOICES, {"train": 370, "valid": 60, "test": 60},
            {"train": (1, 2), "valid": (1, 1), "test": (1, 1)}),
     "da": (danish_sentences, DA_FIXED, DA_VOICES, {"train": 180, "valid": 30, "test": 30},
@@ -219,8 +220,12 @@ def synthesize(text, voice, speed, pitch, out_path, tmp_dir):
     )
 
 
-def make_language(lang, out_root, seed):
-    """Write one language's audio and manifests; return the number of utterances per split."""
+def make_language(lang, out_root, seed, limit=None):
+    """Write one language's audio and manifests; return the number of utterances per split.
+
+    ``limit`` caps the sentences per split (for tests): the random draws happen in the same order,
+    so the first ``limit`` train sentences come out identical to a full run's.
+    """
     gen_fn, fixed, voices, n_sent, readings = LANGS[lang]
     rng = random.Random(f"{seed}-{lang}")
     total = sum(n_sent.values())
@@ -236,7 +241,7 @@ def make_language(lang, out_root, seed):
         for split, n in n_sent.items():
             rows = []
             lo, hi = readings[split]
-            for sentence in sentences[start:start + n]:
+            for sentence in sentences[start:start + min(n, limit or n)]:
                 for voice, gender in rng.sample(voices, rng.randint(lo, hi)):
                     utt_id = f"{lang}_{split}_{next(counter):04d}"
                     path = lang_dir / "wav" / f"{utt_id}.flac"
@@ -262,12 +267,14 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("recipes/Synthetic/data"))
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--languages", nargs="+", default=list(LANGS), choices=list(LANGS))
+    parser.add_argument("--limit", type=int, default=None,
+                        help="at most this many sentences per split (quick checks)")
     args = parser.parse_args(argv)
     for tool in ("espeak-ng", "sox"):
         if shutil.which(tool) is None:
             sys.exit(f"error: `{tool}` not found. Install it: apt-get install -y espeak-ng sox")
     for lang in args.languages:
-        counts = make_language(lang, args.out, args.seed)
+        counts = make_language(lang, args.out, args.seed, args.limit)
         size = sum(p.stat().st_size for p in (args.out / lang / "wav").iterdir())
         print(f"{lang}: {counts} utterances, {size / 1e6:.1f} MB of FLAC")
 

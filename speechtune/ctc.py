@@ -109,7 +109,7 @@ class CTCBrain(sb.Brain):
         self._step_schedulers()
         step = self.optimizer_step
         if step % self.hparams.log_every_steps == 0:
-            self.hparams.history.add_train(step, float(loss))
+            self.hparams.history.add_train(step, float(loss.detach()))
         every = self.hparams.valid_every_steps
         if every and step % every == 0 and self.valid_loader is not None:
             self._validate(end_of_epoch=False)

@@ -1,4 +1,4 @@
-"""Data side of every recipe: manifests -> SpeechBrain datasets, audio loading, vocabularies, batching.
+"""Data side of every recipe: manifests -> SpeechBrain datasets, audio, vocabularies, batching.
 
 Manifest contract (DESIGN.md): CSV with ``ID,duration,wav,spk_id,wrd`` plus optional group columns;
 ``wav`` may start with ``$data_root``; ``duration`` in seconds.

@@ -35,6 +35,10 @@ class SSLEncoder(Wav2Vec2):
             if not hasattr(config, key):
                 raise ValueError(f"config_overrides: {type(config).__name__} has no '{key}'")
             setattr(config, key, value)
+        if not hasattr(config, "mask_feature_min_masks"):
+            # transformers' WavLMConfig lacks this attribute that its channel masking reads
+            # (AttributeError as soon as mask_feature_prob > 0); 0 is Wav2Vec2Config's default.
+            config.mask_feature_min_masks = 0
         return config
 
     def output_frames(self, num_samples: int) -> int:
@@ -44,7 +48,7 @@ class SSLEncoder(Wav2Vec2):
 
 
 def build_tiny_encoder(path, model_type="wavlm", seed=0, **config):
-    """Write a random-init SSL encoder of ``model_type`` built from ``config`` to ``path`` (HF format).
+    """Write a random-init SSL encoder of ``model_type`` and ``config`` to ``path`` (HF format).
 
     Also writes the feature extractor (``preprocessor_config.json``: 16 kHz, per-utterance
     normalisation, attention masks) so SpeechBrain's wrapper loads the folder like a hub model.
@@ -65,20 +69,21 @@ def build_tiny_encoder(path, model_type="wavlm", seed=0, **config):
     return str(path)
 
 
-def ensure_tiny_encoder(encoder_hub, tiny_encoder, build_dir):
+def ensure_tiny_encoder(encoder_hub, build_tiny_encoder_flag, tiny_encoder, build_dir):
     """Resolve the encoder source: ``encoder_hub`` as is, or a tiny model built in ``build_dir``.
 
-    ``tiny_encoder`` is ``null`` (fine-tune ``encoder_hub``: a hub id or local folder) or a dict
-    ``{model_type: ..., <HF config keys>}``: then ``encoder_hub`` must equal ``build_dir``, where
-    the tiny model is built once and reused. A hub id together with a tiny config is an error,
-    not a silent tiny model.
+    With ``build_tiny_encoder_flag`` false, ``encoder_hub`` (a hub id or local HF folder) is
+    returned unchanged. With it true, a random-init model of config ``tiny_encoder``
+    (``{model_type: ..., <HF config keys>}``) is built once in ``build_dir`` and reused; then
+    ``encoder_hub`` must equal ``build_dir``: a hub id together with the flag is an error, not a
+    silent tiny model.
     """
-    if tiny_encoder is None:
+    if not build_tiny_encoder_flag:
         return encoder_hub
     if str(encoder_hub) != str(build_dir):
         raise ValueError(
-            f"encoder_hub={encoder_hub} but `tiny_encoder` is set, which builds a random-init "
-            f"model in {build_dir}. To fine-tune {encoder_hub}, also pass --tiny_encoder=null."
+            f"encoder_hub={encoder_hub} but build_tiny_encoder is True, which builds a random-init "
+            f"model in {build_dir}. To fine-tune {encoder_hub}, pass --build_tiny_encoder=False."
         )
     path, config = Path(build_dir), dict(tiny_encoder)
     marker = path / TINY_MARKER

@@ -30,7 +30,7 @@ class Manifests:
 
 
 def load_hparams(argv):
-    """Parse ``train.py hparams.yaml [--key=value ...]``, load the yaml, create the output folder."""
+    """Parse ``hparams.yaml [--key=value ...]``, load the yaml, create the output folder."""
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     with open(hparams_file, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
@@ -53,11 +53,31 @@ def _loader_kwargs(hparams, dataset, stage):
     return {"batch_size": size, "shuffle": stage == "train", "num_workers": hparams["num_workers"]}
 
 
-def run_ctc(argv, prepare):
-    """Train and test a CTC recipe. ``prepare(hparams)`` returns the corpus ``Manifests``."""
-    hparams, run_opts = load_hparams(argv)
-    manifests = prepare(hparams)
-    run_on_main(lambda: None)  # barrier: preparation has finished on the main process
+@dataclass
+class Experiment:
+    """Everything ``fit``/``evaluate`` need, built from hparams (tests drive it step by step)."""
+
+    brain: CTCBrain
+    train: object
+    valid: object
+    tests: dict
+    loader_kwargs: dict
+
+    def fit(self):
+        self.brain.fit(self.brain.hparams.epoch_counter, self.train, self.valid,
+                       train_loader_kwargs=self.loader_kwargs["train"],
+                       valid_loader_kwargs=self.loader_kwargs["valid"])
+
+    def evaluate(self):
+        return {name: self.brain.evaluate(ds, split=name,
+                                          test_loader_kwargs=self.loader_kwargs[name])
+                for name, ds in self.tests.items()}
+
+
+def build_ctc_experiment(hparams, run_opts, prepare):
+    """Prepare data, run the pre-flight checks, build datasets and the ``CTCBrain``."""
+    run_on_main(prepare, kwargs={"hparams": hparams})  # writes manifests once (DDP-safe)
+    manifests = prepare(hparams)  # on every process: finds the manifests written above
     normalize = get_normalizer(hparams["language"])
     data_root, save = hparams["data_folder"], Path(hparams["save_folder"])
 
@@ -67,8 +87,10 @@ def run_ctc(argv, prepare):
     lo, hi = hparams["min_duration"], hparams["max_duration"]
     rows["train"] = [r for r in rows["train"] if lo <= float(r["duration"]) <= hi]
 
-    tokenizer = data.build_char_vocab((normalize(r["wrd"]) for r in rows["train"]),
-                                      save / "label_encoder.txt")
+    texts = [normalize(r["wrd"]) for r in rows["train"]]
+    vocab_kwargs = {"train_texts": texts, "path": save / "label_encoder.txt"}
+    run_on_main(data.build_char_vocab, kwargs=vocab_kwargs)
+    tokenizer = data.build_char_vocab(**vocab_kwargs)  # loads what the main process saved
     vocab = {c for c in tokenizer.lab2ind if c not in ("<blank>", "<unk>")}
     encoder = hparams["encoder"]
     rate = hparams["sample_rate"]
@@ -98,15 +120,20 @@ def run_ctc(argv, prepare):
     brain = CTCBrain(modules={"encoder": encoder, "head": head}, hparams=hparams,
                      run_opts=run_opts, checkpointer=hparams["checkpointer"])
     brain.tokenizer = tokenizer
-    brain.fit(hparams["epoch_counter"], train, valid,
-              train_loader_kwargs=_loader_kwargs(hparams, train, "train"),
-              valid_loader_kwargs=_loader_kwargs(hparams, valid, "valid"))
-    results = {}
-    for name, ds in tests.items():
-        results[name] = brain.evaluate(ds, split=name,
-                                       test_loader_kwargs=_loader_kwargs(hparams, ds, "test"))
+    loader_kwargs = {"train": _loader_kwargs(hparams, train, "train"),
+                     "valid": _loader_kwargs(hparams, valid, "valid")}
+    loader_kwargs.update({name: _loader_kwargs(hparams, ds, "test") for name, ds in tests.items()})
+    return Experiment(brain, train, valid, tests, loader_kwargs)
+
+
+def run_ctc(argv, prepare):
+    """Train and test a CTC recipe. ``prepare(hparams)`` returns the corpus ``Manifests``."""
+    hparams, run_opts = load_hparams(argv)
+    experiment = build_ctc_experiment(hparams, run_opts, prepare)
+    experiment.fit()
+    results = experiment.evaluate()
     if sb.utils.distributed.if_main_process():
         for name, stats in results.items():
             print(f"[speechtune] {name}: WER {stats['WER']:.2f}%  CER {stats['CER']:.2f}%  "
                   f"(best-WER checkpoint; alignments in {hparams['output_folder']}/wer_{name}.txt)")
-    return brain, results
+    return experiment, results

@@ -15,7 +15,7 @@ from speechtune.recipe import Manifests, run_ctc
 
 
 def prepare(hparams):
-    """The bundled manifests for ``hparams['language']``: <data_folder>/<lang>/{train,valid,test}.csv."""
+    """Bundled manifests of ``hparams['language']``: <data_folder>/<lang>/{train,valid,test}.csv."""
     lang_dir = Path(hparams["data_folder"]) / hparams["language"]
     paths = {split: lang_dir / f"{split}.csv" for split in ("train", "valid", "test")}
     missing = [str(p) for p in paths.values() if not p.is_file()]

@@ -1,0 +1,1 @@
+"""Corpus preparation: corpus on disk -> manifest CSVs (the DESIGN.md manifest contract)."""

@@ -1,0 +1,83 @@
+"""LibriSpeech: the standard tree (``<split>/<spk>/<chapter>/*.flac`` + ``*.trans.txt``) -> CSVs."""
+
+import csv
+import logging
+from pathlib import Path
+
+import soundfile as sf
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train-clean-100", "train-clean-360", "train-other-500",
+          "dev-clean", "dev-other", "test-clean", "test-other")
+COLUMNS = ["ID", "duration", "wav", "spk_id", "wrd"]
+
+
+def prepare_librispeech(data_folder, save_folder, splits, skip_existing=True):
+    """Write one manifest per LibriSpeech split.
+
+    Parameters
+    ----------
+    data_folder : str or Path
+        Folder holding the extracted splits, e.g. ``<data_folder>/train-clean-100/19/198/...``
+        (the ``LibriSpeech/`` folder of the official tarballs).
+    save_folder : str or Path
+        Where ``<split>.csv`` files go.
+    splits : list of str
+        Any of ``SPLITS``.
+    skip_existing : bool
+        Keep a split's CSV if it already exists (preparation of train-960 takes minutes).
+
+    Returns
+    -------
+    dict mapping split name to CSV path. Each CSV has columns ``ID,duration,wav,spk_id,wrd``:
+    ``ID`` is the utterance id (``19-198-0001``), ``duration`` seconds read from the audio,
+    ``wav`` is ``$data_root/<split>/<spk>/<chapter>/<ID>.flac``, ``spk_id`` the speaker folder,
+    ``wrd`` the transcript exactly as in ``*.trans.txt`` (upper case; the recipe normalises).
+    """
+    data_folder, save_folder = Path(data_folder), Path(save_folder)
+    save_folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"Unknown LibriSpeech split '{split}'; choose from {SPLITS}")
+        split_dir = data_folder / split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(
+                f"{split_dir} not found: data_folder must hold the extracted LibriSpeech splits "
+                f"(<data_folder>/{split}/<speaker>/<chapter>/*.flac)"
+            )
+        csv_path = save_folder / f"{split}.csv"
+        out[split] = str(csv_path)
+        if skip_existing and csv_path.exists():
+            logger.info("%s exists, skipping preparation of %s", csv_path, split)
+            continue
+        rows = _split_rows(data_folder, split)
+        if not rows:
+            raise ValueError(f"No utterances found under {split_dir} (no *.trans.txt files?)")
+        tmp = csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMNS)
+            writer.writerows(rows)
+        tmp.replace(csv_path)  # a crash mid-write never leaves a truncated manifest
+        logger.info("wrote %s (%d utterances)", csv_path, len(rows))
+    return out
+
+
+def _split_rows(data_folder, split):
+    rows = []
+    for trans in sorted((data_folder / split).glob("*/*/*.trans.txt")):
+        spk = trans.parent.parent.name
+        for line in trans.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            utt_id, _, text = line.strip().partition(" ")
+            audio = trans.parent / f"{utt_id}.flac"
+            if not audio.is_file():
+                raise FileNotFoundError(f"{trans} lists {utt_id} but {audio} does not exist")
+            info = sf.info(str(audio))
+            rel = audio.relative_to(data_folder).as_posix()
+            rows.append([utt_id, f"{info.frames / info.samplerate:.3f}", f"$data_root/{rel}",
+                         spk, text])
+    return rows

@@ -1,0 +1,44 @@
+"""Every file or folder a README names exists; every recipe folder has its README and train.py."""
+
+import re
+
+import pytest
+from conftest import REPO
+
+READMES = sorted(p for p in REPO.rglob("README.md") if ".venv" not in p.parts
+                 and "results" not in p.parts)
+PATHLIKE = re.compile(r"^[\w.\-/]+\.(py|yaml|md|csv|txt|tsv|png)$|^[\w.\-]+/([\w.\-]+/)*$")
+
+
+def named_paths(readme):
+    text = readme.read_text(encoding="utf-8")
+    names = set(re.findall(r"\]\(([^)#]+)\)", text))  # markdown links
+    for code in re.findall(r"`([^`\s]+)`", text):  # `inline code` that looks like a path
+        if PATHLIKE.match(code) and not code.startswith(("results/", "$")):
+            names.add(code)
+    return sorted(n for n in names if "://" not in n and "<" not in n)
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_named_path_exists(readme):
+    missing = []
+    for name in named_paths(readme):
+        candidates = [readme.parent / name, REPO / name, readme.parent / "hparams" / name,
+                      REPO / "speechtune" / name]
+        if not any(c.exists() for c in candidates):
+            missing.append(name)
+    assert not missing, f"{readme} names paths that do not exist: {missing}"
+
+
+def test_every_recipe_has_train_py_readme_and_hparams():
+    recipes = [p.parent for p in REPO.glob("recipes/*/*/train.py")]
+    assert recipes
+    for recipe in recipes:
+        assert (recipe / "README.md").exists(), recipe
+        assert list((recipe / "hparams").glob("*.yaml")), recipe
+        assert len((recipe / "train.py").read_text().splitlines()) <= 250
+
+
+def test_library_modules_stay_small():
+    for path in (REPO / "speechtune").rglob("*.py"):
+        assert len(path.read_text().splitlines()) <= 400, f"{path} grew past 400 lines: split it"

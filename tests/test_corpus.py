@@ -1,0 +1,68 @@
+"""The bundled Synthetic corpus honours its contract, and its generator is deterministic."""
+
+import csv
+import shutil
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+from conftest import REPO, SYNTHETIC
+
+from speechtune.data import REQUIRED_COLUMNS
+
+
+def manifest(lang, split):
+    with open(SYNTHETIC / lang / f"{split}.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("lang,minimum", [("en", 600), ("da", 300)])
+def test_sizes_columns_and_sentence_disjoint_splits(lang, minimum):
+    splits = {s: manifest(lang, s) for s in ("train", "valid", "test")}
+    assert sum(len(r) for r in splits.values()) >= minimum
+    for rows in splits.values():
+        assert set(REQUIRED_COLUMNS) | {"voice", "gender"} <= set(rows[0])
+        assert {r["gender"] for r in rows} == {"female", "male"}
+    sentences = {s: {r["wrd"] for r in rows} for s, rows in splits.items()}
+    assert not sentences["train"] & sentences["valid"]
+    assert not sentences["train"] & sentences["test"]
+    assert not sentences["valid"] & sentences["test"]
+    voices = {r["voice"] for rows in splits.values() for r in rows}
+    assert len(voices) >= 6
+
+
+def test_danish_has_ae_oe_aa():
+    text = " ".join(r["wrd"] for s in ("train", "valid", "test") for r in manifest("da", s))
+    for letter in "æøå":
+        assert text.count(letter) >= 20, letter
+
+
+def test_audio_is_16k_mono_flac_matching_the_manifest_and_small():
+    total = 0
+    for lang in ("en", "da"):
+        for split in ("train", "valid", "test"):
+            for row in manifest(lang, split):
+                path = row["wav"].replace("$data_root", str(SYNTHETIC))
+                info = sf.info(path)
+                assert (info.samplerate, info.channels, info.format) == (16000, 1, "FLAC")
+                assert abs(info.frames / 16000 - float(row["duration"])) < 0.002
+    for path in SYNTHETIC.rglob("*.flac"):
+        total += path.stat().st_size
+    assert total <= 12e6
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None,
+                    reason="needs Debian's espeak-ng and sox (apt-get install -y espeak-ng sox)")
+def test_generator_reproduces_the_committed_audio(tmp_path):
+    """Re-running the generator (first 5 sentences per split) rewrites identical files."""
+    subprocess.run([sys.executable, str(REPO / "local" / "make_synthetic_corpus.py"),
+                    "--out", str(tmp_path), "--languages", "da", "--limit", "5"], check=True)
+    rows = manifest("da", "train")
+    new = list(csv.DictReader(open(tmp_path / "da" / "train.csv", encoding="utf-8")))
+    assert len(new) >= 5
+    for old_row, new_row in zip(rows, new, strict=False):
+        assert old_row == new_row
+        name = new_row["wav"].split("/")[-1]
+        assert (tmp_path / "da" / "wav" / name).read_bytes() == (
+            SYNTHETIC / "da" / "wav" / name).read_bytes()

@@ -1,0 +1,124 @@
+"""CTCBrain behaviour, driven in-process through the real Synthetic yaml with a micro encoder:
+Noam LR per optimizer step, staged freezing, and the best-WER checkpoint policy."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MICRO_ENCODER, REPO
+from hyperpyyaml import load_hyperpyyaml
+
+from speechtune.recipe import Manifests, build_ctc_experiment
+
+YAML = REPO / "recipes" / "Synthetic" / "CTC" / "hparams" / "wavlm_tiny.yaml"
+
+
+def experiment(data_dir, out, **overrides):
+    out.mkdir(parents=True, exist_ok=True)
+    base = {
+        "data_folder": str(data_dir), "output_folder": str(out),
+        "encoder_hub": str(out / "tiny_encoder"), "tiny_encoder": MICRO_ENCODER,
+        "max_batch_seconds": 8, "number_of_epochs": 1, "augmenter": None, "min_duration": 0.0,
+    }
+    base.update(overrides)
+    with open(YAML, encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, base)
+
+    def prepare(h):
+        d = Path(h["data_folder"]) / h["language"]
+        return Manifests(str(d / "train.csv"), str(d / "valid.csv"), {"test": str(d / "test.csv")})
+
+    return build_ctc_experiment(hparams, {"device": "cpu"}, prepare)
+
+
+def noam(peak, warmup, step):
+    return peak * warmup**0.5 * min(step**-0.5, step * warmup**-1.5)
+
+
+def test_noam_lr_changes_at_every_optimizer_step(synthetic_subset, tmp_path):
+    exp = experiment(synthetic_subset, tmp_path / "run", warmup_steps=3, lr_head=0.01,
+                     lr_encoder=0.002, grad_accumulation_factor=2)
+    brain, seen = exp.brain, []
+    orig = brain.on_fit_batch_start
+
+    def record(batch, should_step):  # the LR the coming optimizer step will use
+        if should_step:
+            seen.append((brain.optimizer_step + 1, brain.current_lrs()))
+        return orig(batch, should_step)
+
+    brain.on_fit_batch_start = record
+    exp.fit()
+    assert len(seen) >= 4, "need a few optimizer steps"
+    for step, lrs in seen:
+        assert lrs["lr_head"] == pytest.approx(noam(0.01, 3, step))
+        assert lrs["lr_encoder"] == pytest.approx(noam(0.002, 3, step))
+    head_lrs = [lrs["lr_head"] for _, lrs in seen]
+    assert head_lrs[0] < head_lrs[1] < head_lrs[2]  # warming up
+    assert head_lrs[3] < head_lrs[2]  # then decaying
+    assert brain.optimizer_step == len(seen)  # one schedule step per optimizer step
+
+
+def _transformer_params(brain):
+    return {n: p for n, p in brain.modules.encoder.model.named_parameters()
+            if not n.startswith("feature_extractor")}
+
+
+def test_staged_freeze_keeps_encoder_fixed_then_trains_it(synthetic_subset, tmp_path):
+    exp = experiment(synthetic_subset, tmp_path / "run", freeze_encoder_steps=2, freeze_cnn=True)
+    brain = exp.brain
+    start = {n: p.detach().clone() for n, p in _transformer_params(brain).items()}
+    cnn = {n: p.detach().clone()
+           for n, p in brain.modules.encoder.model.feature_extractor.named_parameters()}
+    head0 = brain.modules.head.w.weight.detach().clone()
+    states, orig = [], brain.on_fit_batch_end
+
+    def record(batch, outputs, loss, should_step):
+        orig(batch, outputs, loss, should_step)
+        params = _transformer_params(brain)
+        states.append((
+            brain.optimizer_step,
+            all(torch.equal(p, start[n]) for n, p in params.items()),
+            all(p.grad is None for p in params.values()),
+        ))
+
+    brain.on_fit_batch_end = record
+    exp.fit()
+    assert len(states) >= 4
+    for step, unchanged, no_grad in states:
+        if step <= 2:  # frozen: no update and no gradient ever computed
+            assert unchanged and no_grad, f"encoder changed while frozen at step {step}"
+    assert not states[-1][1], "encoder never trained after freeze_encoder_steps"
+    assert not torch.equal(brain.modules.head.w.weight, head0)
+    for n, p in brain.modules.encoder.model.feature_extractor.named_parameters():
+        assert torch.equal(p, cnn[n]) and not p.requires_grad, f"CNN {n} changed"
+
+
+def test_always_frozen_encoder_never_changes(synthetic_subset, tmp_path):
+    exp = experiment(synthetic_subset, tmp_path / "run", freeze_encoder_steps="always")
+    start = {n: p.detach().clone() for n, p in _transformer_params(exp.brain).items()}
+    exp.fit()
+    assert exp.brain.optimizer_step > 0
+    for n, p in _transformer_params(exp.brain).items():
+        assert torch.equal(p, start[n]), n
+
+
+def test_checkpointer_keeps_best_wer_and_latest_and_tests_best(synthetic_subset, tmp_path):
+    exp = experiment(synthetic_subset, tmp_path / "run", number_of_epochs=3)
+    brain = exp.brain
+    fake_wers = iter([50.0, 30.0, 40.0])
+    real = brain._error_stats
+
+    def scripted(loss):
+        stats = real(loss)
+        if brain.wer_metric is not None and getattr(brain, "test_split", None) is None:
+            stats["WER"] = next(fake_wers)
+        return stats
+
+    brain._error_stats = scripted
+    exp.fit()
+    kept = {c.meta["epoch"]: c.meta["WER"] for c in brain.checkpointer.list_checkpoints()}
+    assert kept == {2: 30.0, 3: 40.0}  # best WER + most recent; epoch 1 deleted
+    brain._error_stats = real
+    exp.evaluate()
+    assert brain.hparams.epoch_counter.current == 2  # evaluation loaded the best-WER checkpoint
+    assert (tmp_path / "run" / "wer_test.txt").exists()

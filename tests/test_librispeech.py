@@ -1,0 +1,77 @@
+"""LibriSpeech preparation on a tree in the real on-disk layout, and its recipe on that tree."""
+
+import csv
+import json
+import shutil
+
+import pytest
+from conftest import MICRO_ENCODER, REPO, SYNTHETIC, run_recipe
+
+from speechtune.prepare.librispeech import prepare_librispeech
+
+RECIPE = REPO / "recipes" / "LibriSpeech" / "CTC"
+
+
+def fake_librispeech(root, per_split=None):
+    """<root>/<split>/<spk>/<chapter>/<spk>-<chapter>-<n>.flac + <spk>-<chapter>.trans.txt,
+    made from bundled English audio, transcripts upper-case like the real corpus."""
+    per_split = per_split or {"train-clean-100": ("train", 24), "dev-clean": ("valid", 6),
+                              "test-clean": ("test", 6), "test-other": ("test", 4)}
+    for split, (src, n) in per_split.items():
+        rows = list(csv.DictReader(open(SYNTHETIC / "en" / f"{src}.csv", encoding="utf-8")))[:n]
+        by_chapter = {}
+        for i, row in enumerate(rows):
+            spk, chapter = str(100 + i % 2), str(7 + i % 2)
+            d = root / split / spk / chapter
+            d.mkdir(parents=True, exist_ok=True)
+            utt = f"{spk}-{chapter}-{i:04d}"
+            shutil.copy(row["wav"].replace("$data_root", str(SYNTHETIC)), d / f"{utt}.flac")
+            by_chapter.setdefault(d / f"{spk}-{chapter}.trans.txt", []).append(
+                f"{utt} {row['wrd'].upper()}")
+        for path, lines in by_chapter.items():
+            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def test_prepare_writes_the_manifest_contract(tmp_path):
+    root = fake_librispeech(tmp_path / "LibriSpeech")
+    out = prepare_librispeech(root, tmp_path / "csv", ["train-clean-100", "test-other"])
+    rows = list(csv.DictReader(open(out["train-clean-100"], encoding="utf-8")))
+    assert len(rows) == 24
+    assert list(rows[0]) == ["ID", "duration", "wav", "spk_id", "wrd"]
+    first = rows[0]
+    assert first["ID"] == "100-7-0000" and first["spk_id"] == "100"
+    assert first["wav"] == "$data_root/train-clean-100/100/7/100-7-0000.flac"
+    assert first["wrd"].isupper() and float(first["duration"]) > 0.5
+    assert len(list(csv.DictReader(open(out["test-other"], encoding="utf-8")))) == 4
+
+
+def test_prepare_errors_name_the_problem(tmp_path):
+    root = fake_librispeech(tmp_path / "LibriSpeech", {"dev-clean": ("valid", 2)})
+    with pytest.raises(FileNotFoundError, match="train-clean-100 not found"):
+        prepare_librispeech(root, tmp_path / "csv", ["train-clean-100"])
+    with pytest.raises(ValueError, match="Unknown LibriSpeech split 'train-clean-99'"):
+        prepare_librispeech(root, tmp_path / "csv", ["train-clean-99"])
+    next((root / "dev-clean").rglob("*.flac")).unlink()
+    with pytest.raises(FileNotFoundError, match="lists .* but .* does not exist"):
+        prepare_librispeech(root, tmp_path / "csv", ["dev-clean"])
+
+
+@pytest.mark.recipe
+@pytest.mark.parametrize("yaml", ["wavlm_large.yaml", "wavlm_large_paper.yaml"])
+def test_recipe_runs_one_tiny_epoch_on_the_fake_tree(tmp_path, yaml):
+    root = fake_librispeech(tmp_path / "LibriSpeech")
+    out = tmp_path / "results"
+    proc = run_recipe(RECIPE, [
+        f"hparams/{yaml}", f"--data_folder={root}", f"--output_folder={out}",
+        f"--encoder_hub={out}/tiny_encoder", "--build_tiny_encoder=True",
+        f"--tiny_encoder={json.dumps(MICRO_ENCODER)}",
+        "--number_of_epochs=1", "--precision=fp32", "--eval_precision=fp32", "--device=cpu",
+        "--max_batch_seconds=10", "--num_workers=0", "--valid_every_steps=2",
+    ])
+    assert "test-clean: WER" in proc.stdout and "test-other: WER" in proc.stdout
+    for name in ("train_log.txt", "hyperparams.yaml", "wer_test-clean.txt", "wer_test-other.txt",
+                 "curves.png", "manifests/train-clean-100.csv"):
+        assert (out / name).exists(), name
+    log = (out / "train_log.txt").read_text()
+    assert log.count("valid WER") >= 2  # step-based validation plus the epoch end

@@ -1,0 +1,48 @@
+"""Tiny offline encoders: every SSL family builds, saves in HF format and loads offline."""
+
+import json
+
+import pytest
+import torch
+from conftest import MICRO_ENCODER
+
+from speechtune.models import SSLEncoder, build_tiny_encoder, ensure_tiny_encoder
+
+
+@pytest.mark.parametrize("model_type", ["wavlm", "wav2vec2", "hubert"])
+def test_tiny_encoder_loads_offline_through_speechbrain(tmp_path, model_type):
+    cfg = {k: v for k, v in MICRO_ENCODER.items() if k != "model_type"}
+    path = build_tiny_encoder(tmp_path / model_type, model_type, **cfg)
+    for name in ("config.json", "preprocessor_config.json", "model.safetensors"):
+        assert (tmp_path / model_type / name).exists()
+    config = json.loads((tmp_path / model_type / "config.json").read_text())
+    assert config["model_type"] == model_type
+    enc = SSLEncoder(path, str(tmp_path / "cache"), freeze_feature_extractor=True)
+    wav = torch.randn(2, 16000)
+    out = enc(wav, torch.tensor([1.0, 0.5]))
+    assert out.shape == (2, enc.output_frames(16000), 32)
+    assert not any(p.requires_grad for p in enc.model.feature_extractor.parameters())
+
+
+def test_config_overrides_apply_and_unknown_keys_fail(micro_encoder_dir, tmp_path):
+    enc = SSLEncoder(micro_encoder_dir, str(tmp_path), config_overrides={"layerdrop": 0.3,
+                                                                          "mask_feature_prob": 0.1})
+    assert enc.model.config.layerdrop == 0.3
+    enc.train()
+    enc(torch.randn(2, 16000))  # channel masking runs (WavLMConfig lacks mask_feature_min_masks)
+    with pytest.raises(ValueError, match="has no 'layer_drop'"):
+        SSLEncoder(micro_encoder_dir, str(tmp_path), config_overrides={"layer_drop": 0.1})
+
+
+def test_ensure_tiny_encoder(tmp_path):
+    assert ensure_tiny_encoder("microsoft/wavlm-large", False, MICRO_ENCODER, tmp_path) == (
+        "microsoft/wavlm-large")
+    with pytest.raises(ValueError, match="pass --build_tiny_encoder=False"):
+        ensure_tiny_encoder("microsoft/wavlm-large", True, MICRO_ENCODER, tmp_path / "t")
+    built = ensure_tiny_encoder(str(tmp_path / "t"), True, MICRO_ENCODER, tmp_path / "t")
+    stamp = (tmp_path / "t" / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_encoder(built, True, MICRO_ENCODER, built) == built  # reused, not rebuilt
+    assert (tmp_path / "t" / "model.safetensors").stat().st_mtime_ns == stamp
+    bigger = dict(MICRO_ENCODER, hidden_size=48)
+    ensure_tiny_encoder(built, True, bigger, built)  # a changed config rebuilds
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["hidden_size"] == 48

@@ -1,0 +1,115 @@
+"""Pre-flight validation: each failure stops the run with a message naming the items and the fix."""
+
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speechtune.preflight import PreflightError, ctc_min_frames, run_preflight
+from speechtune.text import get_normalizer
+
+NORM = get_normalizer("en")
+VOCAB = set("abcdefghijklmnopqrstuvwxyz' ")
+
+
+def frames(seconds):  # 20 ms frames, like WavLM
+    return int(seconds * 50)
+
+
+def make_wav(path, seconds, sr=16000):
+    sf.write(path, np.zeros(int(seconds * sr), dtype="float32") + 0.01, sr)
+    return str(path)
+
+
+def rows_for(tmp_path, texts, seconds=1.0, prefix="u"):
+    rows = []
+    for i, text in enumerate(texts):
+        wav = make_wav(tmp_path / f"{prefix}{i}.wav", seconds)
+        rows.append({"ID": f"{prefix}{i}", "duration": str(seconds), "wav": wav, "wrd": text})
+    return rows
+
+
+def clean_splits(tmp_path):
+    return {"train": rows_for(tmp_path, ["hello world"], prefix="t"),
+            "valid": rows_for(tmp_path, ["a cat"], prefix="v"),
+            "test": rows_for(tmp_path, ["the dog"], prefix="s")}
+
+
+def check(splits, **kw):
+    return run_preflight(splits, NORM, VOCAB, frames, **kw)
+
+
+def test_clean_data_passes(tmp_path):
+    assert check(clean_splits(tmp_path)) == {"train": set(), "valid": set(), "test": set()}
+
+
+def test_missing_audio_is_named(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["train"][0]["wav"] = str(tmp_path / "nope.flac")
+    with pytest.raises(PreflightError, match=r"(?s)missing_audio: 1 utt.*train/t0.*nope\.flac"):
+        check(splits)
+
+
+def test_unreadable_audio_is_named(tmp_path):
+    splits = clean_splits(tmp_path)
+    bad = tmp_path / "corrupt.flac"
+    bad.write_bytes(b"this is not audio" * 10)
+    splits["valid"][0]["wav"] = str(bad)
+    with pytest.raises(PreflightError, match=r"(?s)unreadable_audio.*valid/v0.*re-encode"):
+        check(splits)
+
+
+def test_duration_mismatch_is_named(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["test"][0]["duration"] = "3.0"
+    with pytest.raises(PreflightError,
+                       match=r"(?s)duration_mismatch.*manifest 3\.000 s, audio 1\.000 s"):
+        check(splits)
+
+
+def test_more_labels_than_frames_is_named(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["train"] += rows_for(tmp_path, ["a very long sentence " * 5], seconds=0.5, prefix="L")
+    with pytest.raises(PreflightError, match=r"(?s)too_many_labels.*train/L0.*frames"):
+        check(splits)
+
+
+def test_repeated_characters_need_a_blank_between_them():
+    assert ctc_min_frames(list("abc")) == 3
+    assert ctc_min_frames(list("aab")) == 4  # a <blank> a b
+    assert ctc_min_frames(list("hello")) == 6
+
+
+def test_case_mismatch_with_uppercase_vocabulary_is_caught(tmp_path):
+    """The seed report's failure: lower-case text against an upper-case vocabulary."""
+    splits = clean_splits(tmp_path)
+    upper_vocab = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
+    with pytest.raises(PreflightError, match=r"(?s)valid: .*not in the vocabulary.*Fix: normalise"):
+        run_preflight(splits, NORM, upper_vocab, frames)
+
+
+def test_a_few_oov_characters_below_threshold_pass(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["valid"] = rows_for(tmp_path, ["zoë " + "the cat sat on the mat " * 9], seconds=8.0,
+                               prefix="v")
+    assert check(splits, max_oov_rate=0.01)["valid"] == set()
+    with pytest.raises(PreflightError, match="ë"):
+        check(splits, max_oov_rate=0.001)
+
+
+def test_skip_mode_drops_and_reports(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["train"] += rows_for(tmp_path, ["fine"], prefix="ok")
+    shutil.os.remove(splits["train"][0]["wav"])
+    report = tmp_path / "report.tsv"
+    dropped = check(splits, mode="skip", report_path=report)
+    assert dropped == {"train": {"t0"}, "valid": set(), "test": set()}
+    assert "t0\tmissing_audio" in report.read_text()
+
+
+def test_empty_split_is_an_error(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["test"] = []
+    with pytest.raises(PreflightError, match="Split 'test' is empty"):
+        check(splits)

@@ -1,0 +1,53 @@
+"""The bundled Synthetic recipe runs end to end (subprocess, offline), keeps the best-WER model."""
+
+import json
+import re
+
+import pytest
+import yaml
+from conftest import MICRO_ENCODER, REPO, SYNTHETIC, run_recipe, write_subset
+
+RECIPE = REPO / "recipes" / "Synthetic" / "CTC"
+
+
+def kept_checkpoints(save):
+    return {p.parent.name: yaml.safe_load(p.read_text()) for p in save.glob("CKPT+*/CKPT.yaml")}
+
+
+@pytest.mark.recipe
+@pytest.mark.parametrize("language", ["en", "da"])
+def test_synthetic_recipe_trains_two_epochs_and_tests_the_best(tmp_path, language):
+    data = tmp_path / "data"
+    write_subset(SYNTHETIC / language, data / language, {"train": 40, "valid": 8, "test": 8})
+    out = tmp_path / "results"
+    proc = run_recipe(RECIPE, [
+        "hparams/wavlm_tiny.yaml", f"--language={language}", f"--data_folder={data}",
+        f"--output_folder={out}", f"--tiny_encoder={json.dumps(MICRO_ENCODER)}",
+        "--number_of_epochs=2", "--max_batch_seconds=12", "--lr_encoder=0.003",
+        "--lr_head=0.003", "--warmup_steps=5", "--device=cpu",
+    ])
+    assert re.search(r"test: WER \d+\.\d+%  CER \d+\.\d+%", proc.stdout), proc.stdout[-2000:]
+    for name in ("train_log.txt", "hyperparams.yaml", "wer_test.txt", "curves.png",
+                 "save/label_encoder.txt", "preflight_report.tsv", "tiny_encoder/config.json"):
+        assert (out / name).exists(), name
+    log = (out / "train_log.txt").read_text()
+    valid = {int(e): float(w) for e, w in
+             re.findall(r"epoch: (\d+), step: \d+.*valid WER: ([\d.e+-]+)", log)}
+    assert sorted(valid) == [1, 2]
+    kept = kept_checkpoints(out / "save")
+    assert 1 <= len(kept) <= 2
+    best = min(valid.values())
+    assert any(m["WER"] == pytest.approx(best) for m in kept.values())
+    loaded = int(re.search(r"Epoch loaded: (\d+)", log).group(1))
+    assert valid[loaded] == pytest.approx(best)  # testing used the best-WER checkpoint
+    alignments = (out / "wer_test.txt").read_text()
+    assert "%WER" in alignments and alignments.count("=" * 20) >= 8
+    if language == "da":
+        assert re.search("[æøå]", (out / "save" / "label_encoder.txt").read_text())
+
+
+@pytest.mark.recipe
+def test_hub_id_with_tiny_flag_is_refused(tmp_path):
+    with pytest.raises(AssertionError, match="pass --build_tiny_encoder=False"):
+        run_recipe(RECIPE, ["hparams/wavlm_tiny.yaml", f"--output_folder={tmp_path}",
+                            "--encoder_hub=microsoft/wavlm-large"])
