@@ -76,7 +76,7 @@ class Experiment:
 
 def build_ctc_experiment(hparams, run_opts, prepare):
     """Prepare data, run the pre-flight checks, build datasets and the ``CTCBrain``."""
-    run_on_main(prepare, kwargs={"hparams": hparams})  # writes manifests once (DDP-safe)
+    run_on_main(prepare, args=[hparams])  # writes manifests once (DDP-safe)
     manifests = prepare(hparams)  # on every process: finds the manifests written above
     normalize = get_normalizer(hparams["language"])
     data_root, save = hparams["data_folder"], Path(hparams["save_folder"])

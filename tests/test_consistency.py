@@ -7,14 +7,18 @@ from conftest import REPO
 
 READMES = sorted(p for p in REPO.rglob("README.md") if ".venv" not in p.parts
                  and "results" not in p.parts)
-PATHLIKE = re.compile(r"^[\w.\-/]+\.(py|yaml|md|csv|txt|tsv|png)$|^[\w.\-]+/([\w.\-]+/)*$")
+ROOTS = ("recipes/", "speechtune/", "local/", "tools/", "hparams/", "tests/", ".ci/")
+RUN_OUTPUTS = {"hyperparams.yaml", "CKPT.yaml"}  # written into results/, not in the repository
+PATHLIKE = re.compile(r"^[\w.\-/+]+$")
 
 
 def named_paths(readme):
     text = readme.read_text(encoding="utf-8")
     names = set(re.findall(r"\]\(([^)#]+)\)", text))  # markdown links
-    for code in re.findall(r"`([^`\s]+)`", text):  # `inline code` that looks like a path
-        if PATHLIKE.match(code) and not code.startswith(("results/", "$")):
+    for code in re.findall(r"`([^`\s]+)`", text):  # `inline code` naming a repository path
+        if code in RUN_OUTPUTS:
+            continue
+        if PATHLIKE.match(code) and (code.startswith(ROOTS) or code.endswith((".py", ".yaml"))):
             names.add(code)
     return sorted(n for n in names if "://" not in n and "<" not in n)
 
@@ -23,9 +27,11 @@ def named_paths(readme):
 def test_every_named_path_exists(readme):
     missing = []
     for name in named_paths(readme):
-        candidates = [readme.parent / name, REPO / name, readme.parent / "hparams" / name,
-                      REPO / "speechtune" / name]
-        if not any(c.exists() for c in candidates):
+        candidates = [readme.parent / name, REPO / name]
+        found = any(c.exists() for c in candidates)
+        if not found and "/" not in name:  # a bare file name: somewhere in the repository
+            found = any(p for p in REPO.rglob(name) if ".venv" not in p.parts)
+        if not found:
             missing.append(name)
     assert not missing, f"{readme} names paths that do not exist: {missing}"
 

@@ -68,6 +68,8 @@ def test_recipe_runs_one_tiny_epoch_on_the_fake_tree(tmp_path, yaml):
         f"--tiny_encoder={json.dumps(MICRO_ENCODER)}",
         "--number_of_epochs=1", "--precision=fp32", "--eval_precision=fp32", "--device=cpu",
         "--max_batch_seconds=10", "--num_workers=0", "--valid_every_steps=2",
+        "--grad_accumulation_factor=1",
+        "--encoder_config_overrides={mask_time_length: 2, mask_feature_length: 4}",  # 32 channels
     ])
     assert "test-clean: WER" in proc.stdout and "test-other: WER" in proc.stdout
     for name in ("train_log.txt", "hyperparams.yaml", "wer_test-clean.txt", "wer_test-other.txt",

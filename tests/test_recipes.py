@@ -15,8 +15,8 @@ def kept_checkpoints(save):
 
 
 @pytest.mark.recipe
-@pytest.mark.parametrize("language", ["en", "da"])
-def test_synthetic_recipe_trains_two_epochs_and_tests_the_best(tmp_path, language):
+@pytest.mark.parametrize("language,augment", [("en", True), ("da", False)])
+def test_synthetic_recipe_trains_two_epochs_and_tests_the_best(tmp_path, language, augment):
     data = tmp_path / "data"
     write_subset(SYNTHETIC / language, data / language, {"train": 40, "valid": 8, "test": 8})
     out = tmp_path / "results"
@@ -25,7 +25,11 @@ def test_synthetic_recipe_trains_two_epochs_and_tests_the_best(tmp_path, languag
         f"--output_folder={out}", f"--tiny_encoder={json.dumps(MICRO_ENCODER)}",
         "--number_of_epochs=2", "--max_batch_seconds=12", "--lr_encoder=0.003",
         "--lr_head=0.003", "--warmup_steps=5", "--device=cpu",
+        # the override the yaml documents for turning waveform augmentation on
+        *(["--augmenter=!ref <augmentation[augmenter]>"] if augment else []),
     ])
+    if augment:
+        assert "Augmenter" in (out / "hyperparams.yaml").read_text() or "augmenter" in proc.stdout
     assert re.search(r"test: WER \d+\.\d+%  CER \d+\.\d+%", proc.stdout), proc.stdout[-2000:]
     for name in ("train_log.txt", "hyperparams.yaml", "wer_test.txt", "curves.png",
                  "save/label_encoder.txt", "preflight_report.tsv", "tiny_encoder/config.json"):
