@@ -6,7 +6,7 @@ character became ``<unk>``, WER stuck at 1.0). ``run_preflight`` checks every sp
 - audio files that are missing or unreadable,
 - manifest durations that disagree with the audio,
 - utterances with more CTC labels than encoder frames (the loss would be infinite),
-- valid/test text with characters outside the vocabulary, above a small threshold,
+- text with characters outside the vocabulary, above a small threshold,
 
 and either stops with a message naming examples and the fix (``mode="error"``, the default) or
 drops the offending utterances and writes a report (``mode="skip"``).
@@ -87,12 +87,12 @@ def check_audio(split, rows, duration_tolerance):
     return problems
 
 
-def check_labels(split, rows, normalize, frames_for_seconds):
+def check_labels(split, rows, normalize, frames_for_seconds, speed_factor=1.0):
     """Utterances whose label sequence is longer than the encoder output can align."""
     problems = []
     for row in rows:
         labels = list(normalize(row["wrd"]))
-        frames = frames_for_seconds(float(row["duration"]))
+        frames = frames_for_seconds(float(row["duration"]) * speed_factor)
         if ctc_min_frames(labels) > frames:
             problems.append(Problem(split, row["ID"], "too_many_labels",
                                     f"{ctc_min_frames(labels)} labels needed, {frames} frames"))
@@ -110,7 +110,8 @@ def oov_characters(rows, normalize, vocab):
 
 
 def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
-                  max_oov_rate=0.005, duration_tolerance=0.1, report_path=None):
+                  max_oov_rate=0.005, duration_tolerance=0.1, report_path=None,
+                  train_speed_factor=1.0):
     """Validate manifests before training; return ``{split: set of IDs to drop}``.
 
     Parameters
@@ -122,15 +123,18 @@ def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
     vocab : set of str
         Characters the model can output (its CTC vocabulary without blank/unk).
     frames_for_seconds : callable
-        Encoder output frames for an utterance of that many seconds (worst case over augmentation).
+        Encoder output frames for an utterance of that many seconds.
     mode : "error" or "skip"
         ``error`` raises ``PreflightError``; ``skip`` drops offending utterances and reports them.
     max_oov_rate : float
-        Largest tolerated fraction of valid/test characters outside the vocabulary.
+        Largest tolerated fraction of a split's characters outside the vocabulary.
     duration_tolerance : float
         Seconds by which a manifest duration may differ from the audio (or 2%, the larger).
     report_path : path, optional
         Where to write the report (always written when given).
+    train_speed_factor : float
+        Length factor of the most shortening training augmentation (speed perturbation to 90%
+        gives 0.9): training labels must fit the frames of the shortened audio.
 
     Returns
     -------
@@ -144,10 +148,10 @@ def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
             raise PreflightError(f"Split '{split}' is empty: check its manifest and the "
                                  "min/max duration filters.")
         report.problems += check_audio(split, rows, duration_tolerance)
-        report.problems += check_labels(split, rows, normalize, frames_for_seconds)
-        if split != "train":
-            counter, rate = oov_characters(rows, normalize, vocab)
-            report.oov[split], report.oov_rate[split] = counter, rate
+        factor = train_speed_factor if split == "train" else 1.0
+        report.problems += check_labels(split, rows, normalize, frames_for_seconds, factor)
+        # train too: a vocabulary reloaded from an earlier run may not cover changed data
+        report.oov[split], report.oov_rate[split] = oov_characters(rows, normalize, vocab)
     if report_path is not None:
         report.write(report_path)
 

@@ -94,13 +94,14 @@ def build_ctc_experiment(hparams, run_opts, prepare):
     vocab = {c for c in tokenizer.lab2ind if c not in ("<blank>", "<unk>")}
     encoder = hparams["encoder"]
     rate = hparams["sample_rate"]
-    # speed perturbation to speeds[0] % shortens the audio most: check labels against that
+    # speed perturbation to min(speeds) % shortens training audio most: check labels against that
     shrink = 1.0 if hparams["augmenter"] is None else min(hparams["speeds"]) / 100
     dropped = run_preflight(
         rows, normalize, vocab,
-        frames_for_seconds=lambda s: encoder.output_frames(int(s * rate * shrink)),
+        frames_for_seconds=lambda s: encoder.output_frames(int(s * rate)),
         mode=hparams["preflight"], max_oov_rate=hparams["preflight_max_oov_rate"],
         report_path=Path(hparams["output_folder"]) / "preflight_report.tsv",
+        train_speed_factor=shrink,
     )
 
     def dataset(split, path, **kw):

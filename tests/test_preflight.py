@@ -113,3 +113,18 @@ def test_empty_split_is_an_error(tmp_path):
     splits["test"] = []
     with pytest.raises(PreflightError, match="Split 'test' is empty"):
         check(splits)
+
+
+def test_training_labels_are_checked_against_speed_perturbed_length(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["train"] = rows_for(tmp_path, ["ab" * 22 + "c"], prefix="T")  # 45 labels, 50 frames
+    assert check(splits)["train"] == set()
+    with pytest.raises(PreflightError, match=r"(?s)too_many_labels.*train/T0"):
+        check(splits, train_speed_factor=0.85)  # 42 frames after speed perturbation to 85%
+
+
+def test_train_text_outside_a_reloaded_vocabulary_is_caught(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["train"] = rows_for(tmp_path, ["smörgåsbord"], prefix="T")
+    with pytest.raises(PreflightError, match=r"(?s)train: .*not in the vocabulary"):
+        check(splits)
