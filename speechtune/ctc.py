@@ -129,6 +129,7 @@ class CTCBrain(sb.Brain):
         """Fresh WER/CER accumulators for valid/test."""
         if stage == sb.Stage.TRAIN:
             self.current_epoch = epoch
+            self.train_stats = None
         else:
             self.wer_metric = self.hparams.wer_computer()
             self.cer_metric = self.hparams.cer_computer()
@@ -159,8 +160,10 @@ class CTCBrain(sb.Brain):
         stats = self._error_stats(loss)
         step = self.optimizer_step
         meta = {"epoch": self.current_epoch, "step": step, **self.current_lrs()}
+        # mid-epoch: the running average of this epoch so far, not the previous epoch's loss
+        train_stats = self.train_stats if end_of_epoch else {"loss": float(self.avg_train_loss)}
         self.hparams.train_logger.log_stats(
-            stats_meta=meta, train_stats=getattr(self, "train_stats", None), valid_stats=stats)
+            stats_meta=meta, train_stats=train_stats, valid_stats=stats)
         self.hparams.history.add_valid(step, stats["WER"], stats["CER"])
         self.checkpointer.save_and_keep_only(
             meta={"WER": stats["WER"], "CER": stats["CER"], "epoch": self.current_epoch,
@@ -173,9 +176,15 @@ class CTCBrain(sb.Brain):
     def fit(self, epoch_counter, train_set, valid_set=None, **kwargs):
         """``Brain.fit``, keeping the valid loader for step-based validation."""
         if valid_set is not None and not isinstance(valid_set, torch.utils.data.DataLoader):
-            valid_set = self.make_dataloader(valid_set, stage=sb.Stage.VALID,
+            # ckpt_prefix=None: a mid-epoch checkpoint must not record the valid loader as spent
+            valid_set = self.make_dataloader(valid_set, stage=sb.Stage.VALID, ckpt_prefix=None,
                                              **kwargs.get("valid_loader_kwargs", {}))
         self.valid_loader = valid_set
+        batch_sampler = kwargs.get("train_loader_kwargs", {}).get("batch_sampler")
+        if batch_sampler is not None:
+            # SpeechBrain calls train_sampler.set_epoch(epoch) (a new shuffle each epoch) but only
+            # registers samplers itself under DDP; DDP wraps this one in make_dataloader
+            self.train_sampler = batch_sampler
         return super().fit(epoch_counter, train_set, valid_set, **kwargs)
 
     def evaluate(self, test_set, split="test", **kwargs):

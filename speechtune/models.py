@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
+from speechbrain.utils.distributed import run_on_main
 from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,7 @@ def ensure_tiny_encoder(encoder_hub, build_tiny_encoder_flag, tiny_encoder, buil
         )
     path, config = Path(build_dir), dict(tiny_encoder)
     marker = path / TINY_MARKER
-    if not marker.exists() or json.loads(marker.read_text()) != json.loads(
-        json.dumps({"seed": 0, **config}, default=list)
-    ):
-        build_tiny_encoder(path, **config)
+    wanted = json.loads(json.dumps({"seed": 0, **config}, default=list))
+    if not marker.exists() or json.loads(marker.read_text()) != wanted:
+        run_on_main(build_tiny_encoder, args=[path], kwargs=config)  # once under DDP
     return str(path)

@@ -5,11 +5,13 @@ character became ``<unk>``, WER stuck at 1.0). ``run_preflight`` checks every sp
 
 - audio files that are missing or unreadable,
 - manifest durations that disagree with the audio,
-- utterances with more CTC labels than encoder frames (the loss would be infinite),
+- training utterances with more CTC labels than encoder frames (the loss would be infinite;
+  valid/test utterances are scored whatever their length),
 - text with characters outside the vocabulary, above a small threshold,
 
-and either stops with a message naming examples and the fix (``mode="error"``, the default) or
-drops the offending utterances and writes a report (``mode="skip"``).
+and stops with a message naming examples and the fix (``mode="error"``, the default). With
+``mode="skip"`` offending *training* utterances are dropped and listed in the report; problems in
+valid/test always stop the run, since dropping them would score an easier subset.
 """
 
 import logging
@@ -57,8 +59,8 @@ FIXES = {
     "missing_audio": "check the `wav` column and --data_folder (the manifest's $data_root)",
     "unreadable_audio": "re-encode the file (16 kHz mono FLAC/WAV) or remove the row",
     "duration_mismatch": "re-run the corpus preparation in local/ so durations come from the audio",
-    "too_many_labels": "drop or split the utterance, or raise max_duration; CTC needs at least one "
-                       "encoder frame per label (two for a repeated character)",
+    "too_many_labels": "check that the transcript belongs to this audio, or drop the utterance; "
+                       "CTC needs one encoder frame per label (two for a repeated character)",
 }
 
 
@@ -125,7 +127,8 @@ def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
     frames_for_seconds : callable
         Encoder output frames for an utterance of that many seconds.
     mode : "error" or "skip"
-        ``error`` raises ``PreflightError``; ``skip`` drops offending utterances and reports them.
+        ``error`` raises ``PreflightError``; ``skip`` drops offending training utterances and
+        reports them (valid/test problems raise in both modes).
     max_oov_rate : float
         Largest tolerated fraction of a split's characters outside the vocabulary.
     duration_tolerance : float
@@ -138,7 +141,7 @@ def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
 
     Returns
     -------
-    dict mapping split name to the set of utterance IDs to drop (empty sets when all is well).
+    dict mapping split name to the set of utterance IDs to drop (only train can be non-empty).
     """
     if mode not in ("error", "skip"):
         raise ValueError(f"preflight mode must be 'error' or 'skip', got {mode!r}")
@@ -148,8 +151,9 @@ def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
             raise PreflightError(f"Split '{split}' is empty: check its manifest and the "
                                  "min/max duration filters.")
         report.problems += check_audio(split, rows, duration_tolerance)
-        factor = train_speed_factor if split == "train" else 1.0
-        report.problems += check_labels(split, rows, normalize, frames_for_seconds, factor)
+        if split == "train":
+            report.problems += check_labels(split, rows, normalize, frames_for_seconds,
+                                            train_speed_factor)
         # train too: a vocabulary reloaded from an earlier run may not cover changed data
         report.oov[split], report.oov_rate[split] = oov_characters(rows, normalize, vocab)
     if report_path is not None:
@@ -166,18 +170,20 @@ def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
             "from training text that covers these characters. Tolerated: "
             f"{max_oov_rate:.1%} (preflight_max_oov_rate)."
         )
-    if report.problems and mode == "error":
-        kinds = Counter(p.kind for p in report.problems)
+    fatal = [p for p in report.problems if mode == "error" or p.split != "train"]
+    if fatal:
+        kinds = Counter(p.kind for p in fatal)
         lines = []
         for kind, n in kinds.items():
-            examples = [f"{p.split}/{p.utt_id} ({p.detail})" for p in report.problems
-                        if p.kind == kind][:3]
+            examples = [f"{p.split}/{p.utt_id} ({p.detail})" for p in fatal if p.kind == kind][:3]
             lines.append(f"  {kind}: {n} utterance(s), e.g. {'; '.join(examples)}\n"
                          f"    fix: {FIXES[kind]}")
         raise PreflightError(
             "Pre-flight validation failed:\n" + "\n".join(lines)
-            + "\nOr pass --preflight=skip to drop these utterances (listed in the report"
-            + (f" {report_path}" if report_path else "") + ")."
+            + ("\nOr pass --preflight=skip to drop these training utterances (listed in the "
+               f"report {report_path or ''})." if mode == "error" and
+               all(p.split == "train" for p in fatal) else
+               "\nValid/test utterances are never skipped: fix or remove them in the manifest.")
         )
     for kind, n in Counter(p.kind for p in report.problems).items():
         logger.warning("pre-flight: skipping %d utterance(s) with %s (see %s)", n, kind,

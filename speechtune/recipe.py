@@ -32,6 +32,7 @@ class Manifests:
 def load_hparams(argv):
     """Parse ``hparams.yaml [--key=value ...]``, load the yaml, create the output folder."""
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    sb.utils.distributed.ddp_init_group(run_opts)  # under torchrun: one process group per run
     with open(hparams_file, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     sb.create_experiment_directory(

@@ -122,3 +122,61 @@ def test_checkpointer_keeps_best_wer_and_latest_and_tests_best(synthetic_subset,
     exp.evaluate()
     assert brain.hparams.epoch_counter.current == 2  # evaluation loaded the best-WER checkpoint
     assert (tmp_path / "run" / "wer_test.txt").exists()
+
+
+def test_augmentation_grows_the_batch_and_replicates_labels(synthetic_subset, tmp_path):
+    from speechbrain.augment.augmenter import Augmenter
+    from speechbrain.augment.time_domain import SpeedPerturb
+
+    exp = experiment(synthetic_subset, tmp_path / "run")
+    brain = exp.brain
+    brain.hparams.augmenter = Augmenter(concat_original=True,
+                                        augmentations=[SpeedPerturb(16000, speeds=[90])])
+    batch = next(iter(brain.make_dataloader(exp.valid, stage=sb_stage().VALID, ckpt_prefix=None,
+                                            batch_size=4)))
+    log_probs, wav_lens, _ = brain.compute_forward(batch, sb_stage().TRAIN)
+    assert log_probs.shape[0] == 8 and wav_lens.shape[0] == 8  # clean + speed-perturbed copies
+    loss = brain.compute_objectives((log_probs, wav_lens, None), batch, sb_stage().TRAIN)
+    assert torch.isfinite(loss)
+
+
+def sb_stage():
+    import speechbrain as sb
+
+    return sb.Stage
+
+
+def test_batches_are_reshuffled_every_epoch(synthetic_subset, tmp_path):
+    exp = experiment(synthetic_subset, tmp_path / "run", number_of_epochs=3)
+    brain, order, orig = exp.brain, [], exp.brain.on_fit_batch_start
+
+    def record(batch, should_step):
+        order.append((brain.current_epoch, tuple(batch.id)))
+        return orig(batch, should_step)
+
+    brain.on_fit_batch_start = record
+    exp.fit()
+    epochs = [[ids for e, ids in order if e == n] for n in (1, 2, 3)]
+    assert sorted(i for b in epochs[1] for i in b) == sorted(i for b in epochs[2] for i in b)
+    # without set_epoch SpeechBrain's sampler repeats one order from the second epoch on
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_resume_from_a_mid_epoch_checkpoint(synthetic_subset, tmp_path):
+    """The latest checkpoint can be a step-based one; resuming from it must validate normally."""
+    out = tmp_path / "run"
+    exp = experiment(synthetic_subset, out, valid_every_steps=2, num_to_keep=10)
+    exp.fit()
+    for ckpt in exp.brain.checkpointer.list_checkpoints():
+        if ckpt.meta.get("step") != 2:
+            exp.brain.checkpointer.delete_checkpoints(num_to_keep=0,
+                                                       ckpt_predicate=lambda c, p=ckpt.path:
+                                                       c.path == p)
+    kept = exp.brain.checkpointer.list_checkpoints()
+    assert [c.meta["step"] for c in kept] == [2]
+    assert kept[0].meta.get("end-of-epoch") is False
+    again = experiment(synthetic_subset, out, valid_every_steps=2, num_to_keep=10)
+    again.fit()  # recovers the mid-epoch checkpoint, finishes the epoch, validates
+    assert again.brain.optimizer_step > 2
+    log = (out / "train_log.txt").read_text()
+    assert log.count("valid WER") >= 4

@@ -98,6 +98,19 @@ def test_a_few_oov_characters_below_threshold_pass(tmp_path):
         check(splits, max_oov_rate=0.001)
 
 
+def test_long_valid_test_transcripts_are_scored_not_flagged(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["test"] += rows_for(tmp_path, ["a very long sentence " * 5], seconds=0.5, prefix="L")
+    assert check(splits)["test"] == set()
+
+
+def test_skip_mode_never_drops_valid_or_test(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["valid"][0]["wav"] = str(tmp_path / "gone.flac")
+    with pytest.raises(PreflightError, match=r"(?s)valid/v0.*never skipped"):
+        check(splits, mode="skip")
+
+
 def test_skip_mode_drops_and_reports(tmp_path):
     splits = clean_splits(tmp_path)
     splits["train"] += rows_for(tmp_path, ["fine"], prefix="ok")
