@@ -5,7 +5,6 @@ Manifest contract (DESIGN.md): CSV with ``ID,duration,wav,spk_id,wrd`` plus opti
 """
 
 import csv
-import logging
 from pathlib import Path
 
 import soundfile as sf
@@ -15,10 +14,7 @@ import torchaudio
 from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
-logger = logging.getLogger(__name__)
-
 REQUIRED_COLUMNS = ("ID", "duration", "wav", "spk_id", "wrd")
-SPLITS = ("train", "valid", "test")
 
 
 def load_audio(path: str, sample_rate: int) -> torch.Tensor:
@@ -44,13 +40,6 @@ def read_manifest(path: str | Path, data_root: str) -> list[dict]:
     for row in rows:
         row["wav"] = row["wav"].replace("$data_root", str(data_root))
     return rows
-
-
-def group_columns(path: str | Path) -> list[str]:
-    """Extra (group) columns of a manifest beyond the required ones, e.g. voice, gender, dialect."""
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f))
-    return [c for c in header if c not in REQUIRED_COLUMNS]
 
 
 def load_split(csv_path, data_root, min_duration=None, max_duration=None, sort=None):

@@ -4,7 +4,6 @@ A recipe's ``train.py`` only supplies its corpus preparation (``prepare(hparams)
 everything else, identical for every corpus, lives here.
 """
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +15,6 @@ from speechtune import data
 from speechtune.ctc import CTCBrain
 from speechtune.preflight import run_preflight
 from speechtune.text import get_normalizer
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
