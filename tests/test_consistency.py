@@ -5,8 +5,9 @@ import re
 import pytest
 from conftest import REPO
 
-READMES = sorted(p for p in REPO.rglob("README.md") if ".venv" not in p.parts
-                 and "results" not in p.parts)
+READMES = sorted(p for p in REPO.rglob("README.md")  # not in .venv, .pytest_cache or results
+                 if not any(part.startswith(".") or part == "results"
+                            for part in p.relative_to(REPO).parts))
 ROOTS = ("recipes/", "speechtune/", "local/", "tools/", "hparams/", "tests/", ".ci/")
 RUN_OUTPUTS = {"hyperparams.yaml", "CKPT.yaml"}  # written into results/, not in the repository
 PATHLIKE = re.compile(r"^[\w.\-/+]+$")
