@@ -180,3 +180,19 @@ def test_resume_from_a_mid_epoch_checkpoint(synthetic_subset, tmp_path):
     assert again.brain.optimizer_step > 2
     log = (out / "train_log.txt").read_text()
     assert log.count("valid WER") >= 4
+
+
+def test_bf16_autocast_keeps_the_ctc_loss_in_fp32(synthetic_subset, tmp_path):
+    exp = experiment(synthetic_subset, tmp_path / "run", precision="bf16", eval_precision="bf16")
+    brain = exp.brain
+    batch = next(iter(brain.make_dataloader(exp.valid, stage=sb_stage().VALID, ckpt_prefix=None,
+                                            batch_size=4)))
+    with brain.training_ctx:  # what fit_batch wraps forward and loss in
+        feats = brain.modules.encoder(batch.sig[0], batch.sig[1])
+        log_probs, wav_lens, _ = brain.compute_forward(batch, sb_stage().TRAIN)
+        loss = brain.compute_objectives((log_probs, wav_lens, None), batch, sb_stage().TRAIN)
+    assert feats.dtype == torch.bfloat16  # autocast is really on for the encoder
+    assert log_probs.dtype == torch.float32 and loss.dtype == torch.float32
+    assert torch.isfinite(loss)
+    exp.fit()  # a whole bf16 epoch trains
+    assert brain.optimizer_step > 0
