@@ -92,3 +92,57 @@ def ensure_tiny_encoder(encoder_hub, build_tiny_encoder_flag, tiny_encoder, buil
     if not marker.exists() or json.loads(marker.read_text()) != wanted:
         run_on_main(build_tiny_encoder, args=[path], kwargs=config)  # once under DDP
     return str(path)
+
+
+# ---------------------------------------------------------------------------- tiny Whisper
+WHISPER_VOCAB_MULTILINGUAL = 51865  # SpeechBrain treats a Whisper model as multilingual from here
+WHISPER_VOCAB_ENGLISH = 51864  # the ``.en`` models' size: no language/task prefix
+
+
+def whisper_special_tokens():
+    """Whisper's special tokens in Whisper's order: ids of language tokens follow from it."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    return (["<|startoftranscript|>"] + [f"<|{code}|>" for code in LANGUAGES]
+            + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
+               "<|nocaptions|>", "<|notimestamps|>"])
+
+
+def build_tiny_whisper(path, texts, multilingual=True, bpe_vocab_size=600, seed=0, **config):
+    """Write a random-init Whisper with a locally trained tokenizer to ``path`` (HF format).
+
+    The tokenizer is a byte-level BPE trained on ``texts`` (so every script, æ ø å included,
+    round-trips) plus Whisper's special tokens in Whisper's order, which is what transformers'
+    ``set_prefix_tokens`` and SpeechBrain's wrapper and searchers rely on. ``multilingual`` sizes
+    the embedding like the multilingual models (language and task prefix) or like the ``.en``
+    ones (no prefix): SpeechBrain decides by ``config.vocab_size``. ``config`` holds
+    ``WhisperConfig`` keys (``d_model``, ``encoder_layers``, ...).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (WhisperConfig, WhisperFeatureExtractor,
+                              WhisperForConditionalGeneration, WhisperTokenizer)
+
+    path = Path(path)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(sorted(set(texts)), trainers.BpeTrainer(
+        vocab_size=bpe_vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"], show_progress=False))
+    eot = "<|endoftext|>"
+    tokenizer = WhisperTokenizer(tokenizer_object=bpe, bos_token=eot, eos_token=eot,
+                                 unk_token=eot, pad_token=eot)
+    tokenizer.add_special_tokens({"additional_special_tokens": whisper_special_tokens()})
+    ids = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    hf_config = WhisperConfig(
+        vocab_size=WHISPER_VOCAB_MULTILINGUAL if multilingual else WHISPER_VOCAB_ENGLISH,
+        decoder_start_token_id=ids("<|startoftranscript|>"), eos_token_id=ids(eot),
+        pad_token_id=ids(eot), bos_token_id=ids(eot), suppress_tokens=[],
+        begin_suppress_tokens=[], **config)
+    WhisperForConditionalGeneration(hf_config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    WhisperFeatureExtractor(feature_size=hf_config.num_mel_bins).save_pretrained(path)
+    (path / TINY_MARKER).write_text(json.dumps(
+        {"model_type": "whisper", "multilingual": multilingual, "seed": seed, **config}))
+    return str(path)
