@@ -119,8 +119,12 @@ def build_tiny_whisper(path, texts, multilingual=True, bpe_vocab_size=600, seed=
     ``WhisperConfig`` keys (``d_model``, ``encoder_layers``, ...).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (WhisperConfig, WhisperFeatureExtractor,
-                              WhisperForConditionalGeneration, WhisperTokenizer)
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizer,
+    )
 
     path = Path(path)
     bpe = Tokenizer(models.BPE())
