@@ -40,7 +40,8 @@ class CTCBrain(sb.Brain):
         return optimizers
 
     def init_optimizers(self):
-        """AdamW for the encoder (CNN excluded: always frozen) and one for the head, own LRs."""
+        """An optimizer for the encoder (its trainable part: a frozen CNN is left out) and one
+        for the head, each with its own LR."""
         enc_params = [p for p in self.modules.encoder.parameters() if p.requires_grad]
         self.optimizers_dict = {
             "encoder": self.hparams.encoder_opt_class(enc_params),
