@@ -17,7 +17,7 @@ def named_paths(readme):
     text = readme.read_text(encoding="utf-8")
     names = set(re.findall(r"\]\(([^)#]+)\)", text))  # markdown links
     for code in re.findall(r"`([^`\s]+)`", text):  # `inline code` naming a repository path
-        if code in RUN_OUTPUTS:
+        if code in RUN_OUTPUTS or "results/" in code:  # what a run writes, not the repository
             continue
         if PATHLIKE.match(code) and (code.startswith(ROOTS) or code.endswith((".py", ".yaml"))):
             names.add(code)
