@@ -26,48 +26,42 @@ def load_audio(path: str, sample_rate: int) -> torch.Tensor:
     return sig
 
 
-def read_manifest(path: str | Path, data_root: str) -> list[dict]:
-    """Read a manifest CSV, check its columns and resolve ``$data_root`` in ``wav``."""
+def read_manifest(path: str | Path, data_root: str) -> dict[str, dict]:
+    """Read a manifest once: ``{ID: row}`` with ``$data_root`` resolved and ``duration`` a float.
+
+    Parsing is SpeechBrain's ``load_data_csv`` (which also rejects duplicate IDs); the rows feed
+    both the pre-flight checks and the ``DynamicItemDataset``, so the CSV is read one time.
+    """
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {missing}; a manifest needs {list(REQUIRED_COLUMNS)} "
-                "(plus optional group columns). Re-run the corpus preparation in local/."
-            )
-        rows = list(reader)
-    for row in rows:
-        row["wav"] = row["wav"].replace("$data_root", str(data_root))
-    return rows
+        header = next(csv.reader(f), [])
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {missing}; a manifest needs {list(REQUIRED_COLUMNS)} "
+            "(plus optional group columns). Re-run the corpus preparation in local/."
+        )
+    rows = sb.dataio.dataio.load_data_csv(str(path), replacements={"data_root": str(data_root)})
+    return {utt_id: {"ID": utt_id, **row} for utt_id, row in rows.items()}
 
 
-def load_split(csv_path, data_root, min_duration=None, max_duration=None, sort=None):
-    """Load one manifest as a ``DynamicItemDataset``, duration-filtered and optionally sorted."""
-    data = sb.dataio.dataset.DynamicItemDataset.from_csv(
-        csv_path=str(csv_path), replacements={"data_root": str(data_root)}
-    )
-    limits_min = {"duration": min_duration} if min_duration is not None else {}
-    limits_max = {"duration": max_duration} if max_duration is not None else {}
-    return data.filtered_sorted(
-        key_min_value=limits_min, key_max_value=limits_max, sort_key=sort
-    )
+def make_dataset(rows: dict[str, dict], sort_by_duration: bool):
+    """A ``DynamicItemDataset`` over manifest rows, in manifest or ascending-duration order."""
+    dataset = sb.dataio.dataset.DynamicItemDataset(rows)
+    return dataset.filtered_sorted(sort_key="duration") if sort_by_duration else dataset
 
 
-def add_pipelines(datasets, normalize, tokenizer, sample_rate):
-    """Attach ``sig`` (audio), ``words`` (normalised text) and ``tokens`` (character ids)."""
+def add_pipelines(datasets, tokenizer, sample_rate):
+    """Attach ``sig`` (audio) and ``tokens`` (character ids of the normalised ``words`` column)."""
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
         return load_audio(wav, sample_rate)
 
-    @sb.utils.data_pipeline.takes("wrd")
-    @sb.utils.data_pipeline.provides("words", "tokens")
-    def text_pipeline(wrd):
-        words = normalize(wrd)
-        yield words
-        yield torch.LongTensor(tokenizer.encode_sequence(list(words)))
+    @sb.utils.data_pipeline.takes("words")
+    @sb.utils.data_pipeline.provides("tokens")
+    def text_pipeline(words):
+        return torch.LongTensor(tokenizer.encode_sequence(list(words)))
 
     sb.dataio.dataset.add_dynamic_item(datasets, audio_pipeline)
     sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)

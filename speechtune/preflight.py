@@ -89,11 +89,11 @@ def check_audio(split, rows, duration_tolerance):
     return problems
 
 
-def check_labels(split, rows, normalize, frames_for_seconds, speed_factor=1.0):
-    """Utterances whose label sequence is longer than the encoder output can align."""
+def check_labels(split, rows, texts, frames_for_seconds, speed_factor=1.0):
+    """Utterances whose label sequence (normalised ``texts``) is longer than frames can align."""
     problems = []
-    for row in rows:
-        labels = list(normalize(row["wrd"]))
+    for row, text in zip(rows, texts, strict=True):
+        labels = list(text)
         frames = frames_for_seconds(float(row["duration"]) * speed_factor)
         if ctc_min_frames(labels) > frames:
             problems.append(Problem(split, row["ID"], "too_many_labels",
@@ -101,11 +101,10 @@ def check_labels(split, rows, normalize, frames_for_seconds, speed_factor=1.0):
     return problems
 
 
-def oov_characters(rows, normalize, vocab):
+def oov_characters(texts, vocab):
     """Counter of out-of-vocabulary characters and their fraction of all characters."""
     counter, total = Counter(), 0
-    for row in rows:
-        text = normalize(row["wrd"])
+    for text in texts:
         total += len(text)
         counter.update(c for c in text if c not in vocab)
     return counter, (sum(counter.values()) / total if total else 0.0)
@@ -119,7 +118,7 @@ def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
     Parameters
     ----------
     splits : dict
-        ``{split_name: rows}`` with rows from ``speechtune.data.read_manifest``.
+        ``{split_name: rows}``: lists of manifest rows (``ID``, ``duration``, ``wav``, ``wrd``).
     normalize : callable
         The recipe's text normaliser (the same one the training targets go through).
     vocab : set of str
@@ -151,11 +150,12 @@ def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
             raise PreflightError(f"Split '{split}' is empty: check its manifest and the "
                                  "min/max duration filters.")
         report.problems += check_audio(split, rows, duration_tolerance)
+        texts = [normalize(row["wrd"]) for row in rows]
         if split == "train":
-            report.problems += check_labels(split, rows, normalize, frames_for_seconds,
+            report.problems += check_labels(split, rows, texts, frames_for_seconds,
                                             train_speed_factor)
         # train too: a vocabulary reloaded from an earlier run may not cover changed data
-        report.oov[split], report.oov_rate[split] = oov_characters(rows, normalize, vocab)
+        report.oov[split], report.oov_rate[split] = oov_characters(texts, vocab)
     if report_path is not None:
         report.write(report_path)
 

@@ -79,13 +79,15 @@ def build_ctc_experiment(hparams, run_opts, prepare):
     normalize = get_normalizer(hparams["language"])
     data_root, save = hparams["data_folder"], Path(hparams["save_folder"])
 
-    rows = {"train": data.read_manifest(manifests.train, data_root),
-            "valid": data.read_manifest(manifests.valid, data_root)}
-    rows.update({name: data.read_manifest(p, data_root) for name, p in manifests.tests.items()})
+    paths = {"train": manifests.train, "valid": manifests.valid, **manifests.tests}
+    rows = {split: data.read_manifest(path, data_root) for split, path in paths.items()}
     lo, hi = hparams["min_duration"], hparams["max_duration"]
-    rows["train"] = [r for r in rows["train"] if lo <= float(r["duration"]) <= hi]
+    rows["train"] = {i: r for i, r in rows["train"].items() if lo <= r["duration"] <= hi}
+    for split_rows in rows.values():  # normalise once; targets, vocabulary and WER use "words"
+        for row in split_rows.values():
+            row["words"] = normalize(row["wrd"])
 
-    texts = [normalize(r["wrd"]) for r in rows["train"]]
+    texts = [r["words"] for r in rows["train"].values()]
     vocab_kwargs = {"train_texts": texts, "path": save / "label_encoder.txt"}
     run_on_main(data.build_char_vocab, kwargs=vocab_kwargs)
     tokenizer = data.build_char_vocab(**vocab_kwargs)  # loads what the main process saved
@@ -95,23 +97,21 @@ def build_ctc_experiment(hparams, run_opts, prepare):
     # speed perturbation to min(speeds) % shortens training audio most: check labels against that
     shrink = 1.0 if hparams["augmenter"] is None else min(hparams["speeds"]) / 100
     dropped = run_preflight(
-        rows, normalize, vocab,
+        {split: list(split_rows.values()) for split, split_rows in rows.items()}, normalize, vocab,
         frames_for_seconds=lambda s: encoder.output_frames(int(s * rate)),
         mode=hparams["preflight"], max_oov_rate=hparams["preflight_max_oov_rate"],
         report_path=Path(hparams["output_folder"]) / "preflight_report.tsv",
         train_speed_factor=shrink,
     )
 
-    def dataset(split, path, **kw):
-        ds = data.load_split(path, data_root, sort=None if split == "train" else "duration", **kw)
-        if dropped[split]:
-            ds = ds.filtered_sorted(key_test={"id": lambda i: i not in dropped[split]})
-        return ds
-
-    train = dataset("train", manifests.train, min_duration=lo, max_duration=hi)
-    valid = dataset("valid", manifests.valid)
-    tests = {name: dataset(name, p) for name, p in manifests.tests.items()}
-    data.add_pipelines([train, valid, *tests.values()], normalize, tokenizer, rate)
+    datasets = {
+        split: data.make_dataset({i: r for i, r in split_rows.items() if i not in dropped[split]},
+                                 sort_by_duration=split != "train")
+        for split, split_rows in rows.items()
+    }
+    train, valid = datasets.pop("train"), datasets.pop("valid")
+    tests = datasets
+    data.add_pipelines([train, valid, *tests.values()], tokenizer, rate)
 
     head = hparams["head"](input_size=encoder.model.config.hidden_size,
                            n_neurons=len(tokenizer.lab2ind))

@@ -32,13 +32,6 @@ MICRO_ENCODER = {
 }
 
 
-def yaml_inline(obj):
-    """A dict/list as a one-line YAML flow value for a command-line override."""
-    import json
-
-    return json.dumps(obj)
-
-
 @pytest.fixture(scope="session")
 def micro_encoder_dir(tmp_path_factory):
     """A micro WavLM saved in HF format (local folder, no hub)."""
