@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Measure what 8-bit FLAC costs the bundled corpus: size vs 16-bit and quantisation SNR.
+
+Re-synthesises the first N English train sentences with their voices (espeak-ng's default speed
+and pitch) and the generator's volume and sox settings, writes each as 8-bit (what is committed) and 16-bit FLAC, and prints the size ratio and the
+signal-to-quantisation-noise ratio (16-bit signal vs the 8-bit minus 16-bit difference).
+
+    python local/check_corpus_encoding.py --n 40
+"""
+
+import argparse
+import csv
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from make_synthetic_corpus import SAMPLE_RATE, VOLUME
+
+TRIM = ["silence", "1", "0.02", "0.5%", "reverse", "silence", "1", "0.02", "0.5%", "reverse"]
+
+
+def encode(raw, out, bits):
+    subprocess.run(["sox", str(raw), "-D", "-r", str(SAMPLE_RATE), "-c", "1", "-b", str(bits),
+                    str(out), "vol", str(VOLUME), *TRIM], check=True, capture_output=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--data", type=Path, default=Path("recipes/Synthetic/data"))
+    args = parser.parse_args()
+    with open(args.data / "en" / "train.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[: args.n]
+    sizes, signal, noise = {8: 0, 16: 0}, 0.0, 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for row in rows:
+            subprocess.run(["espeak-ng", "-v", row["voice"], "-w", str(tmp / "raw.wav"),
+                            row["wrd"]], check=True, capture_output=True)
+            audio = {}
+            for bits in (8, 16):
+                encode(tmp / "raw.wav", tmp / f"{bits}.flac", bits)
+                sizes[bits] += (tmp / f"{bits}.flac").stat().st_size
+                audio[bits] = sf.read(tmp / f"{bits}.flac", dtype="float64")[0]
+            n = min(len(audio[8]), len(audio[16]))
+            signal += np.sum(audio[16][:n] ** 2)
+            noise += np.sum((audio[8][:n] - audio[16][:n]) ** 2)
+    print(f"{len(rows)} utterances: 16-bit / 8-bit FLAC size = {sizes[16] / sizes[8]:.2f}x, "
+          f"8-bit quantisation SNR = {10 * np.log10(signal / noise):.1f} dB")
+
+
+if __name__ == "__main__":
+    main()
