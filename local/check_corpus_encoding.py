@@ -1,30 +1,24 @@
 #!/usr/bin/env python3
 """Measure what 8-bit FLAC costs the bundled corpus: size vs 16-bit and quantisation SNR.
 
-Re-synthesises the first N English train sentences with their voices (espeak-ng's default speed
-and pitch) and the generator's volume and sox settings, writes each as 8-bit (what is committed) and 16-bit FLAC, and prints the size ratio and the
-signal-to-quantisation-noise ratio (16-bit signal vs the 8-bit minus 16-bit difference).
+Re-synthesises the first N English train sentences with their voices (espeak-ng's default
+speed and pitch), encodes each with the generator's own ``encode`` as 8-bit (what is committed)
+and as 16-bit FLAC, and prints the size ratio and the signal-to-quantisation-noise ratio (the
+16-bit signal against the difference between the 8-bit and the 16-bit one).
 
     python local/check_corpus_encoding.py --n 40
 """
 
 import argparse
 import csv
-import subprocess
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from make_synthetic_corpus import encode, speak  # the generator's own steps (same folder)
 
-from make_synthetic_corpus import SAMPLE_RATE, VOLUME
-
-TRIM = ["silence", "1", "0.02", "0.5%", "reverse", "silence", "1", "0.02", "0.5%", "reverse"]
-
-
-def encode(raw, out, bits):
-    subprocess.run(["sox", str(raw), "-D", "-r", str(SAMPLE_RATE), "-c", "1", "-b", str(bits),
-                    str(out), "vol", str(VOLUME), *TRIM], check=True, capture_output=True)
+ESPEAK_DEFAULT_SPEED, ESPEAK_DEFAULT_PITCH = 175, 50
 
 
 def main():
@@ -38,8 +32,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for row in rows:
-            subprocess.run(["espeak-ng", "-v", row["voice"], "-w", str(tmp / "raw.wav"),
-                            row["wrd"]], check=True, capture_output=True)
+            speak(row["wrd"], row["voice"], ESPEAK_DEFAULT_SPEED, ESPEAK_DEFAULT_PITCH,
+                  tmp / "raw.wav")
             audio = {}
             for bits in (8, 16):
                 encode(tmp / "raw.wav", tmp / f"{bits}.flac", bits)

@@ -205,19 +205,29 @@ def unique_sentences(gen, fixed, n, rng):
     return out
 
 
-def synthesize(text, voice, speed, pitch, out_path, tmp_dir):
-    """Speak ``text`` with espeak-ng and convert it to 16 kHz mono 8-bit FLAC, silence trimmed."""
-    raw = Path(tmp_dir) / "raw.wav"
+def speak(text, voice, speed, pitch, raw_path):
+    """espeak-ng's own output (22.05 kHz WAV) for ``text``."""
     subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(raw), text],
+        ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(raw_path), text],
         check=True, capture_output=True,
     )
+
+
+def encode(raw_path, out_path, bits=8):
+    """16 kHz mono FLAC at ``bits`` per sample (no dither), silence trimmed, 0.1 s padding."""
     trim = ["silence", "1", "0.02", "0.5%", "reverse", "silence", "1", "0.02", "0.5%", "reverse"]
     subprocess.run(
-        ["sox", str(raw), "-D", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "8", str(out_path),
-         "vol", str(VOLUME), *trim, "pad", "0.1", "0.1"],
+        ["sox", str(raw_path), "-D", "-r", str(SAMPLE_RATE), "-c", "1", "-b", str(bits),
+         str(out_path), "vol", str(VOLUME), *trim, "pad", "0.1", "0.1"],
         check=True, capture_output=True,
     )
+
+
+def synthesize(text, voice, speed, pitch, out_path, tmp_dir):
+    """Speak ``text`` with espeak-ng and write it as the corpus's 8-bit FLAC."""
+    raw = Path(tmp_dir) / "raw.wav"
+    speak(text, voice, speed, pitch, raw)
+    encode(raw, out_path)
 
 
 def make_language(lang, out_root, seed, limit=None):
