@@ -1,71 +1,34 @@
-"""CTCBrain: one Brain for every SSL encoder (WavLM, wav2vec2, HuBERT) + linear CTC head.
+"""CTC family: one Brain for every SSL encoder (WavLM, wav2vec2, HuBERT) + linear CTC head.
 
-What the yaml must declare (keys read here; a missing key is an error, never a silent default):
-``encoder``, ``head`` (modules); ``augmenter`` (``null`` = no augmentation); ``encoder_opt_class``,
-``head_opt_class``; ``encoder_lr_scheduler``, ``head_lr_scheduler`` (Noam or tri-stage, stepped at
-every optimizer step); ``freeze_encoder_steps`` (int or ``always``); ``blank_index``;
-``valid_every_steps`` (0 = only at epoch end); ``log_every_steps``; ``num_to_keep``;
-``train_logger``, ``wer_computer``, ``cer_computer``, ``checkpointer``, ``history``.
+The shared loop (optimizers, LR schedules, freezing, validation, checkpoints) is
+``speechtune.brain.FineTuneBrain``; this module adds the CTC forward/loss and the family's recipe
+setup (character vocabulary, pre-flight frame check, data pipelines). Keys read here besides the
+shared ones: ``encoder``, ``head`` (modules); ``augmenter`` (``null`` = no augmentation);
+``encoder_opt_class``, ``head_opt_class``, ``encoder_lr_scheduler``, ``head_lr_scheduler``;
+``blank_index``; ``speeds``.
 """
 
 import contextlib
-import logging
+from pathlib import Path
 
 import speechbrain as sb
 import torch
-from speechbrain.nnet.schedulers import TriStageLRSchedule
+from speechbrain.utils.distributed import run_on_main
 
-from speechtune.outputs import write_curves
+from speechtune import data
+from speechtune.brain import FineTuneBrain
+from speechtune.preflight import ctc_label_check
+from speechtune.text import get_normalizer
 
-logger = logging.getLogger(__name__)
 
-
-class CTCBrain(sb.Brain):
+class CTCBrain(FineTuneBrain):
     """Fine-tune an SSL encoder with a CTC head; greedy CTC decoding for WER/CER."""
 
-    tokenizer = None  # speechbrain CTCTextEncoder, set by the recipe runner
-    valid_loader = None
-
-    # ------------------------------------------------------------------ freezing
-    @property
-    def encoder_frozen(self):
-        """True while the transformer encoder is frozen (``freeze_encoder_steps``)."""
-        steps = self.hparams.freeze_encoder_steps
-        return steps == "always" or self.optimizer_step < int(steps)
-
-    def freeze_optimizers(self, optimizers):
-        """Step only the head optimizer while the encoder is frozen."""
-        if self.encoder_frozen:
-            return {"head": optimizers["head"]}
-        return optimizers
-
-    def init_optimizers(self):
-        """An optimizer for the encoder (its trainable part: a frozen CNN is left out) and one
-        for the head, each with its own LR."""
-        enc_params = [p for p in self.modules.encoder.parameters() if p.requires_grad]
-        self.optimizers_dict = {
-            "encoder": self.hparams.encoder_opt_class(enc_params),
-            "head": self.hparams.head_opt_class(self.modules.head.parameters()),
-        }
-        if self.checkpointer is not None:
-            for name, opt in self.optimizers_dict.items():
-                self.checkpointer.add_recoverable(f"{name}_opt", opt)
-        self._step_schedulers()  # the first optimizer step already uses the warmup LR
-
-    def _step_schedulers(self):
-        """Set each optimizer's LR for the upcoming optimizer step."""
-        for name in ("encoder", "head"):
-            scheduler = getattr(self.hparams, f"{name}_lr_scheduler")
-            opt = self.optimizers_dict[name]
-            if isinstance(scheduler, TriStageLRSchedule):
-                scheduler(opt, self.optimizer_step)
-            else:  # Noam-style: counts its own steps (checkpointed); keep it at optimizer_step + 1
-                while scheduler.n_steps < self.optimizer_step + 1:
-                    scheduler(opt)
-
-    def current_lrs(self):
-        """Current LR of each optimizer."""
-        return {f"lr_{n}": o.param_groups[0]["lr"] for n, o in self.optimizers_dict.items()}
+    def parameter_groups(self):
+        """The encoder (its trainable part: a frozen CNN is left out) and the head, each with its
+        own optimizer and LR."""
+        return {"encoder": self.modules.encoder.parameters(),
+                "head": self.modules.head.parameters()}
 
     # ------------------------------------------------------------------ forward / loss
     def compute_forward(self, batch, stage):
@@ -102,95 +65,56 @@ class CTCBrain(sb.Brain):
             self.cer_metric.append(batch.id, predicted, targets)
         return loss
 
-    # ------------------------------------------------------------------ hooks
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """After an optimizer step: schedule LRs, log the loss curve, validate every N steps."""
-        if not should_step:
-            return
-        self._step_schedulers()
-        step = self.optimizer_step
-        if step % self.hparams.log_every_steps == 0:
-            self.hparams.history.add_train(step, float(loss.detach()))
-        every = self.hparams.valid_every_steps
-        if every and step % every == 0 and self.valid_loader is not None:
-            self._validate(end_of_epoch=False)
-            self.modules.train()
 
-    def _validate(self, end_of_epoch):
-        """Run the validation loop now (used for step-based validation inside an epoch)."""
-        self.on_stage_start(sb.Stage.VALID, self.current_epoch)
-        self.modules.eval()
-        avg = 0.0
-        for i, batch in enumerate(self.valid_loader, start=1):
-            loss = self.evaluate_batch(batch, sb.Stage.VALID)
-            avg += (float(loss) - avg) / i
-        self._end_valid(avg, end_of_epoch)
+class CTCFamily:
+    """Recipe setup of the CTC family (used by ``speechtune.recipe.build_experiment``)."""
 
-    def on_stage_start(self, stage, epoch=None):
-        """Fresh WER/CER accumulators for valid/test."""
-        if stage == sb.Stage.TRAIN:
-            self.current_epoch = epoch
-            self.train_stats = None
-        else:
-            self.wer_metric = self.hparams.wer_computer()
-            self.cer_metric = self.hparams.cer_computer()
+    brain_class = CTCBrain
 
-    def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Log stats; checkpoint on validation (best WER + latest kept); write test alignments."""
-        if stage == sb.Stage.TRAIN:
-            self.train_stats = {"loss": stage_loss}
-        elif stage == sb.Stage.VALID:
-            self._end_valid(stage_loss, end_of_epoch=True)
-        else:
-            stats = self._error_stats(stage_loss)
-            self.hparams.train_logger.log_stats(
-                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current,
-                            "split": self.test_split}, test_stats=stats)
-            path = f"{self.hparams.output_folder}/wer_{self.test_split}.txt"
-            with open(path, "w", encoding="utf-8") as f:
-                self.wer_metric.write_stats(f)
-            self.test_stats = stats
-            logger.info("%s WER %.2f%%  CER %.2f%%  (alignments: %s)", self.test_split,
-                        stats["WER"], stats["CER"], path)
+    def __init__(self, hparams):
+        self.hparams = hparams
+        self.normalize = get_normalizer(hparams["language"])
+        self.target_text = self.normalize  # what the model is trained to output
+        self.tokenizer = None
 
-    def _error_stats(self, loss):
-        return {"loss": loss, "WER": self.wer_metric.summarize("error_rate"),
-                "CER": self.cer_metric.summarize("error_rate")}
+    def set_texts(self, rows):
+        """Targets and references are the normalised transcript (``words``)."""
+        for split_rows in rows.values():
+            for row in split_rows.values():
+                row["words"] = self.normalize(row["wrd"])
 
-    def _end_valid(self, loss, end_of_epoch):
-        stats = self._error_stats(loss)
-        step = self.optimizer_step
-        meta = {"epoch": self.current_epoch, "step": step, **self.current_lrs()}
-        # mid-epoch: the running average of this epoch so far, not the previous epoch's loss
-        train_stats = self.train_stats if end_of_epoch else {"loss": float(self.avg_train_loss)}
-        self.hparams.train_logger.log_stats(
-            stats_meta=meta, train_stats=train_stats, valid_stats=stats)
-        self.hparams.history.add_valid(step, stats["WER"], stats["CER"])
-        self.checkpointer.save_and_keep_only(
-            meta={"WER": stats["WER"], "CER": stats["CER"], "epoch": self.current_epoch,
-                  "step": step},
-            min_keys=["WER"], num_to_keep=self.hparams.num_to_keep, end_of_epoch=end_of_epoch)
-        if sb.utils.distributed.if_main_process():
-            write_curves(self.hparams.history, f"{self.hparams.output_folder}/curves.png")
+    def build_tokenizer(self, train_rows):
+        """Character vocabulary of the normalised training text (saved once, reloaded after)."""
+        kwargs = {"train_texts": [r["words"] for r in train_rows.values()],
+                  "path": Path(self.hparams["save_folder"]) / "label_encoder.txt"}
+        run_on_main(data.build_char_vocab, kwargs=kwargs)
+        self.tokenizer = data.build_char_vocab(**kwargs)  # loads what the main process saved
+        return {c for c in self.tokenizer.lab2ind if c not in ("<blank>", "<unk>")}
 
-    # ------------------------------------------------------------------ entry points
-    def fit(self, epoch_counter, train_set, valid_set=None, **kwargs):
-        """``Brain.fit``, keeping the valid loader for step-based validation."""
-        if valid_set is not None and not isinstance(valid_set, torch.utils.data.DataLoader):
-            # ckpt_prefix=None: a mid-epoch checkpoint must not record the valid loader as spent
-            valid_set = self.make_dataloader(valid_set, stage=sb.Stage.VALID, ckpt_prefix=None,
-                                             **kwargs.get("valid_loader_kwargs", {}))
-        self.valid_loader = valid_set
-        batch_sampler = kwargs.get("train_loader_kwargs", {}).get("batch_sampler")
-        if batch_sampler is not None:
-            # SpeechBrain calls train_sampler.set_epoch(epoch) (a new shuffle each epoch) but only
-            # registers samplers itself under DDP; DDP wraps this one in make_dataloader
-            self.train_sampler = batch_sampler
-        return super().fit(epoch_counter, train_set, valid_set, **kwargs)
+    def label_check(self):
+        """More labels than frames at the fastest speed perturbation (it shortens audio most)."""
+        hp, encoder = self.hparams, self.hparams["encoder"]
+        shrink = 1.0 if hp["augmenter"] is None else min(hp["speeds"]) / 100
+        rate = hp["sample_rate"]
+        return ctc_label_check(lambda s: encoder.output_frames(int(s * rate)), shrink)
 
-    def evaluate(self, test_set, split="test", **kwargs):
-        """``Brain.evaluate`` on the best-WER checkpoint; alignments go to ``wer_<split>.txt``."""
-        self.test_split = split
-        kwargs.setdefault("min_key", "WER")
-        super().evaluate(test_set, **kwargs)
-        return self.test_stats
+    def add_pipelines(self, datasets):
+        """``sig`` and ``tokens`` (character ids of the normalised ``words``)."""
+        data.add_audio_pipeline(datasets, self.hparams["sample_rate"])
+        tokenizer = self.tokenizer
+
+        @sb.utils.data_pipeline.takes("words")
+        @sb.utils.data_pipeline.provides("tokens")
+        def text_pipeline(words):
+            return torch.LongTensor(tokenizer.encode_sequence(list(words)))
+
+        sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
+        sb.dataio.dataset.set_output_keys(datasets, ["id", "sig", "words", "tokens", "duration"])
+
+    def modules(self):
+        """The encoder and a new linear head sized to the vocabulary."""
+        encoder = self.hparams["encoder"]
+        head = self.hparams["head"](input_size=encoder.model.config.hidden_size,
+                                    n_neurons=len(self.tokenizer.lab2ind))
+        self.hparams["checkpointer"].add_recoverable("head", head)
+        return {"encoder": encoder, "head": head}

@@ -50,22 +50,15 @@ def make_dataset(rows: dict[str, dict], sort_by_duration: bool):
     return dataset.filtered_sorted(sort_key="duration") if sort_by_duration else dataset
 
 
-def add_pipelines(datasets, tokenizer, sample_rate):
-    """Attach ``sig`` (audio) and ``tokens`` (character ids of the normalised ``words`` column)."""
+def add_audio_pipeline(datasets, sample_rate):
+    """Attach ``sig``: the utterance's audio, mono at ``sample_rate``."""
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
         return load_audio(wav, sample_rate)
 
-    @sb.utils.data_pipeline.takes("words")
-    @sb.utils.data_pipeline.provides("tokens")
-    def text_pipeline(words):
-        return torch.LongTensor(tokenizer.encode_sequence(list(words)))
-
     sb.dataio.dataset.add_dynamic_item(datasets, audio_pipeline)
-    sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
-    sb.dataio.dataset.set_output_keys(datasets, ["id", "sig", "words", "tokens", "duration"])
 
 
 def build_char_vocab(train_texts, path, blank="<blank>", unk="<unk>") -> CTCTextEncoder:

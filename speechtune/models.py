@@ -5,12 +5,14 @@ Tests and the bundled default never download: they build a small random-init mod
 and save it in HF format to a local folder (``build_tiny_encoder``).
 """
 
+import csv
 import json
 import logging
 from pathlib import Path
 
 import torch
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
+from speechbrain.integrations.huggingface.whisper import Whisper as SBWhisper
 from speechbrain.utils.distributed import run_on_main
 from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor
 
@@ -63,8 +65,6 @@ def build_tiny_encoder(path, model_type="wavlm", seed=0, **config):
         feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
         return_attention_mask=True,
     ).save_pretrained(path)
-    (path / TINY_MARKER).write_text(json.dumps({"model_type": model_type, "seed": seed, **config},
-                                               default=list))
     logger.info("built tiny %s encoder (%.2fM parameters) in %s", model_type,
                 sum(p.numel() for p in model.parameters()) / 1e6, path)
     return str(path)
@@ -79,18 +79,30 @@ def ensure_tiny_encoder(encoder_hub, build_tiny_encoder_flag, tiny_encoder, buil
     ``encoder_hub`` must equal ``build_dir``: a hub id together with the flag is an error, not a
     silent tiny model.
     """
-    if not build_tiny_encoder_flag:
-        return encoder_hub
-    if str(encoder_hub) != str(build_dir):
+    return _ensure_tiny(encoder_hub, build_tiny_encoder_flag, build_dir, "build_tiny_encoder",
+                        "encoder_hub", build_tiny_encoder, dict(tiny_encoder))
+
+
+def _ensure_tiny(hub, flag, build_dir, flag_key, hub_key, builder, config):
+    """``hub`` unchanged, or a tiny model ``builder(build_dir, **config)`` built once (DDP-safe)
+    and rebuilt when its config (recorded in ``TINY_MARKER``) changed."""
+    if not flag:
+        return hub
+    if str(hub) != str(build_dir):
         raise ValueError(
-            f"encoder_hub={encoder_hub} but build_tiny_encoder is True, which builds a random-init "
-            f"model in {build_dir}. To fine-tune {encoder_hub}, pass --build_tiny_encoder=False."
+            f"{hub_key}={hub} but {flag_key} is True, which builds a random-init model in "
+            f"{build_dir}. To fine-tune {hub}, pass --{flag_key}=False."
         )
-    path, config = Path(build_dir), dict(tiny_encoder)
+    path = Path(build_dir)
     marker = path / TINY_MARKER
     wanted = json.loads(json.dumps({"seed": 0, **config}, default=list))
+
+    def build():
+        builder(path, **config)
+        marker.write_text(json.dumps(wanted))
+
     if not marker.exists() or json.loads(marker.read_text()) != wanted:
-        run_on_main(build_tiny_encoder, args=[path], kwargs=config)  # once under DDP
+        run_on_main(build)  # once under DDP
     return str(path)
 
 
@@ -108,15 +120,18 @@ def whisper_special_tokens():
                "<|nocaptions|>", "<|notimestamps|>"])
 
 
-def build_tiny_whisper(path, texts, multilingual=True, bpe_vocab_size=600, seed=0, **config):
+def build_tiny_whisper(path, texts, multilingual=True, bpe_vocab_size=600, chunk_length=30, seed=0,
+                       **config):
     """Write a random-init Whisper with a locally trained tokenizer to ``path`` (HF format).
 
     The tokenizer is a byte-level BPE trained on ``texts`` (so every script, æ ø å included,
     round-trips) plus Whisper's special tokens in Whisper's order, which is what transformers'
     ``set_prefix_tokens`` and SpeechBrain's wrapper and searchers rely on. ``multilingual`` sizes
     the embedding like the multilingual models (language and task prefix) or like the ``.en``
-    ones (no prefix): SpeechBrain decides by ``config.vocab_size``. ``config`` holds
-    ``WhisperConfig`` keys (``d_model``, ``encoder_layers``, ...).
+    ones (no prefix): SpeechBrain decides by ``config.vocab_size``. ``chunk_length`` is the
+    encoder's input window in seconds (30 for OpenAI's models; a shorter one trains faster on
+    short utterances, with ``speechtune.models.Whisper``). ``config`` holds ``WhisperConfig`` keys
+    (``d_model``, ``encoder_layers``, ...).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -143,10 +158,51 @@ def build_tiny_whisper(path, texts, multilingual=True, bpe_vocab_size=600, seed=
         vocab_size=WHISPER_VOCAB_MULTILINGUAL if multilingual else WHISPER_VOCAB_ENGLISH,
         decoder_start_token_id=ids("<|startoftranscript|>"), eos_token_id=ids(eot),
         pad_token_id=ids(eot), bos_token_id=ids(eot), suppress_tokens=[],
-        begin_suppress_tokens=[], **config)
-    WhisperForConditionalGeneration(hf_config).save_pretrained(path)
+        begin_suppress_tokens=[], max_source_positions=chunk_length * 50, **config)
+    model = WhisperForConditionalGeneration(hf_config)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    WhisperFeatureExtractor(feature_size=hf_config.num_mel_bins).save_pretrained(path)
-    (path / TINY_MARKER).write_text(json.dumps(
-        {"model_type": "whisper", "multilingual": multilingual, "seed": seed, **config}))
+    WhisperFeatureExtractor(feature_size=hf_config.num_mel_bins,
+                            chunk_length=chunk_length).save_pretrained(path)
+    logger.info("built tiny Whisper (%.2fM parameters, %d-token BPE, %g s window) in %s",
+                sum(p.numel() for p in model.parameters()) / 1e6, len(tokenizer), chunk_length,
+                path)
     return str(path)
+
+
+def ensure_tiny_whisper(whisper_hub, build_tiny_whisper_flag, tiny_whisper, build_dir,
+                        text_manifests, language):
+    """Resolve the Whisper source like ``ensure_tiny_encoder``: ``whisper_hub`` as is, or a tiny
+    model of config ``tiny_whisper`` built once in ``build_dir``, its BPE trained on the ``wrd``
+    column of ``text_manifests`` normalised for ``language``."""
+    config = {"text_manifests": [str(m) for m in text_manifests], "language": language,
+              **dict(tiny_whisper)}
+    return _ensure_tiny(whisper_hub, build_tiny_whisper_flag, build_dir, "build_tiny_whisper",
+                        "whisper_hub", _tiny_whisper_from_manifests, config)
+
+
+def _tiny_whisper_from_manifests(path, text_manifests, language, **config):
+    from speechtune.text import get_normalizer
+
+    normalize, texts = get_normalizer(language), []
+    for manifest in text_manifests:
+        with open(manifest, newline="", encoding="utf-8") as f:
+            texts += [normalize(row["wrd"]) for row in csv.DictReader(f)]
+    return build_tiny_whisper(path, texts, **config)
+
+
+class Whisper(SBWhisper):
+    """SpeechBrain's Whisper wrapper, with the model's own input window.
+
+    SpeechBrain pads or cuts every input to 30 s whatever the model; this pads or cuts to the
+    feature extractor's ``n_samples`` (30 s for OpenAI's models, so nothing changes for them), which
+    lets a small model with a short window train on short utterances at a fraction of the cost.
+    """
+
+    def _get_mel(self, wav):
+        return self.log_mel_spectrogram(self.pad_or_trim(wav, self._n_samples))
+
+    @property
+    def window_seconds(self):
+        """Longest input in seconds; longer audio would be cut (pre-flight stops it)."""
+        return self._n_samples / self.sampling_rate

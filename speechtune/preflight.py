@@ -5,8 +5,10 @@ character became ``<unk>``, WER stuck at 1.0). ``run_preflight`` checks every sp
 
 - audio files that are missing or unreadable,
 - manifest durations that disagree with the audio,
-- training utterances with more CTC labels than encoder frames (the loss would be infinite;
-  valid/test utterances are scored whatever their length),
+- labels that cannot fit the model: training utterances with more CTC labels than encoder
+  frames (the loss would be infinite; valid/test utterances are scored whatever their length);
+  for Whisper, audio longer than the encoder window (any split) or targets longer than the
+  decoder's positions,
 - text with characters outside the vocabulary, above a small threshold,
 
 and stops with a message naming examples and the fix (``mode="error"``, the default). With
@@ -61,6 +63,10 @@ FIXES = {
     "duration_mismatch": "re-run the corpus preparation in local/ so durations come from the audio",
     "too_many_labels": "check that the transcript belongs to this audio, or drop the utterance; "
                        "CTC needs one encoder frame per label (two for a repeated character)",
+    "audio_too_long": "cut the recording into shorter utterances, or lower max_duration to drop "
+                      "long training utterances (the encoder sees one fixed window)",
+    "too_many_tokens": "cut the utterance, or drop it with --preflight=skip (the decoder has a "
+                       "fixed number of positions)",
 }
 
 
@@ -89,16 +95,43 @@ def check_audio(split, rows, duration_tolerance):
     return problems
 
 
-def check_labels(split, rows, texts, frames_for_seconds, speed_factor=1.0):
-    """Utterances whose label sequence (normalised ``texts``) is longer than frames can align."""
-    problems = []
-    for row, text in zip(rows, texts, strict=True):
-        labels = list(text)
+def ctc_label_check(frames_for_seconds, speed_factor=1.0):
+    """CTC: a training utterance needs at least ``ctc_min_frames`` encoder frames.
+
+    ``speed_factor`` is the length factor of the most shortening training augmentation (speed
+    perturbation to 90% gives 0.9). Valid/test utterances are scored whatever their length.
+    """
+
+    def check(split, row, text):
+        if split != "train":
+            return None
+        needed = ctc_min_frames(list(text))
         frames = frames_for_seconds(float(row["duration"]) * speed_factor)
-        if ctc_min_frames(labels) > frames:
-            problems.append(Problem(split, row["ID"], "too_many_labels",
-                                    f"{ctc_min_frames(labels)} labels needed, {frames} frames"))
-    return problems
+        if needed > frames:
+            return "too_many_labels", f"{needed} labels needed, {frames} frames"
+        return None
+
+    return check
+
+
+def seq2seq_label_check(window_seconds, max_tokens, count_tokens, speed_factor=1.0):
+    """Whisper-style encoder-decoder: audio must fit the encoder window, tokens the decoder.
+
+    Audio longer than ``window_seconds`` would be cut (a silently wrong target or score), in every
+    split; ``speed_factor`` is the length factor of the most *lengthening* training augmentation.
+    A training target of more than ``max_tokens`` decoder positions (``count_tokens(text)``,
+    prefix and end-of-text included) cannot be trained on.
+    """
+
+    def check(split, row, text):
+        seconds = float(row["duration"]) * (speed_factor if split == "train" else 1.0)
+        if seconds > window_seconds:
+            return "audio_too_long", f"{seconds:.2f} s > {window_seconds:g} s window"
+        if split == "train" and count_tokens(text) > max_tokens:
+            return "too_many_tokens", f"{count_tokens(text)} tokens > {max_tokens} positions"
+        return None
+
+    return check
 
 
 def oov_characters(texts, vocab):
@@ -110,9 +143,8 @@ def oov_characters(texts, vocab):
     return counter, (sum(counter.values()) / total if total else 0.0)
 
 
-def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
-                  max_oov_rate=0.005, duration_tolerance=0.1, report_path=None,
-                  train_speed_factor=1.0):
+def run_preflight(splits, normalize, vocab, label_check, mode="error",
+                  max_oov_rate=0.005, duration_tolerance=0.1, report_path=None):
     """Validate manifests before training; return ``{split: set of IDs to drop}``.
 
     Parameters
@@ -120,11 +152,13 @@ def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
     splits : dict
         ``{split_name: rows}``: lists of manifest rows (``ID``, ``duration``, ``wav``, ``wrd``).
     normalize : callable
-        The recipe's text normaliser (the same one the training targets go through).
-    vocab : set of str
-        Characters the model can output (its CTC vocabulary without blank/unk).
-    frames_for_seconds : callable
-        Encoder output frames for an utterance of that many seconds.
+        Turns a row's ``wrd`` into the training target text (the recipe's normaliser).
+    vocab : set of str or None
+        Characters the model can output (a CTC vocabulary without blank/unk); None for
+        tokenizers that cover every character (Whisper's byte-level BPE): no OOV check.
+    label_check : callable
+        ``label_check(split, row, target_text)`` returns ``(problem kind, detail)`` or None
+        (``ctc_label_check``, ``seq2seq_label_check``).
     mode : "error" or "skip"
         ``error`` raises ``PreflightError``; ``skip`` drops offending training utterances and
         reports them (valid/test problems raise in both modes).
@@ -134,9 +168,6 @@ def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
         Seconds by which a manifest duration may differ from the audio (or 2%, the larger).
     report_path : path, optional
         Where to write the report (always written when given).
-    train_speed_factor : float
-        Length factor of the most shortening training augmentation (speed perturbation to 90%
-        gives 0.9): training labels must fit the frames of the shortened audio.
 
     Returns
     -------
@@ -151,11 +182,12 @@ def run_preflight(splits, normalize, vocab, frames_for_seconds, mode="error",
                                  "min/max duration filters.")
         report.problems += check_audio(split, rows, duration_tolerance)
         texts = [normalize(row["wrd"]) for row in rows]
-        if split == "train":
-            report.problems += check_labels(split, rows, texts, frames_for_seconds,
-                                            train_speed_factor)
-        # train too: a vocabulary reloaded from an earlier run may not cover changed data
-        report.oov[split], report.oov_rate[split] = oov_characters(texts, vocab)
+        for row, text in zip(rows, texts, strict=True):
+            found = label_check(split, row, text)
+            if found is not None:
+                report.problems.append(Problem(split, row["ID"], *found))
+        if vocab is not None:  # train too: a reloaded vocabulary may not cover changed data
+            report.oov[split], report.oov_rate[split] = oov_characters(texts, vocab)
     if report_path is not None:
         report.write(report_path)
 

@@ -12,9 +12,8 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import run_on_main
 
 from speechtune import data
-from speechtune.ctc import CTCBrain
+from speechtune.brain import FineTuneBrain
 from speechtune.preflight import run_preflight
-from speechtune.text import get_normalizer
 
 
 @dataclass
@@ -55,7 +54,7 @@ def _loader_kwargs(hparams, dataset, stage):
 class Experiment:
     """Everything ``fit``/``evaluate`` need, built from hparams (tests drive it step by step)."""
 
-    brain: CTCBrain
+    brain: FineTuneBrain
     train: object
     valid: object
     tests: dict
@@ -72,36 +71,28 @@ class Experiment:
                 for name, ds in self.tests.items()}
 
 
-def build_ctc_experiment(hparams, run_opts, prepare):
-    """Prepare data, run the pre-flight checks, build datasets and the ``CTCBrain``."""
+def build_experiment(hparams, run_opts, prepare, family):
+    """Prepare data, run the pre-flight checks, build datasets and the family's Brain.
+
+    ``family`` (``speechtune.ctc.CTCFamily``, ``speechtune.whisper.WhisperFamily``) supplies what
+    differs between model families: texts, tokenizer, label checks, pipelines, modules.
+    """
     run_on_main(prepare, args=[hparams])  # writes manifests once (DDP-safe)
     manifests = prepare(hparams)  # on every process: finds the manifests written above
-    normalize = get_normalizer(hparams["language"])
-    data_root, save = hparams["data_folder"], Path(hparams["save_folder"])
+    setup = family(hparams)
 
     paths = {"train": manifests.train, "valid": manifests.valid, **manifests.tests}
-    rows = {split: data.read_manifest(path, data_root) for split, path in paths.items()}
+    rows = {split: data.read_manifest(path, hparams["data_folder"])
+            for split, path in paths.items()}
     lo, hi = hparams["min_duration"], hparams["max_duration"]
     rows["train"] = {i: r for i, r in rows["train"].items() if lo <= r["duration"] <= hi}
-    for split_rows in rows.values():  # normalise once; targets, vocabulary and WER use "words"
-        for row in split_rows.values():
-            row["words"] = normalize(row["wrd"])
-
-    texts = [r["words"] for r in rows["train"].values()]
-    vocab_kwargs = {"train_texts": texts, "path": save / "label_encoder.txt"}
-    run_on_main(data.build_char_vocab, kwargs=vocab_kwargs)
-    tokenizer = data.build_char_vocab(**vocab_kwargs)  # loads what the main process saved
-    vocab = {c for c in tokenizer.lab2ind if c not in ("<blank>", "<unk>")}
-    encoder = hparams["encoder"]
-    rate = hparams["sample_rate"]
-    # speed perturbation to min(speeds) % shortens training audio most: check labels against that
-    shrink = 1.0 if hparams["augmenter"] is None else min(hparams["speeds"]) / 100
+    setup.set_texts(rows)  # normalise once: targets and references
+    vocab = setup.build_tokenizer(rows["train"])
     dropped = run_preflight(
-        {split: list(split_rows.values()) for split, split_rows in rows.items()}, normalize, vocab,
-        frames_for_seconds=lambda s: encoder.output_frames(int(s * rate)),
-        mode=hparams["preflight"], max_oov_rate=hparams["preflight_max_oov_rate"],
+        {split: list(split_rows.values()) for split, split_rows in rows.items()},
+        setup.target_text, vocab, setup.label_check(), mode=hparams["preflight"],
+        max_oov_rate=hparams["preflight_max_oov_rate"],
         report_path=Path(hparams["output_folder"]) / "preflight_report.tsv",
-        train_speed_factor=shrink,
     )
 
     datasets = {
@@ -111,24 +102,22 @@ def build_ctc_experiment(hparams, run_opts, prepare):
     }
     train, valid = datasets.pop("train"), datasets.pop("valid")
     tests = datasets
-    data.add_pipelines([train, valid, *tests.values()], tokenizer, rate)
+    setup.add_pipelines([train, valid, *tests.values()])
 
-    head = hparams["head"](input_size=encoder.model.config.hidden_size,
-                           n_neurons=len(tokenizer.lab2ind))
-    hparams["checkpointer"].add_recoverable("head", head)
-    brain = CTCBrain(modules={"encoder": encoder, "head": head}, hparams=hparams,
-                     run_opts=run_opts, checkpointer=hparams["checkpointer"])
-    brain.tokenizer = tokenizer
+    brain = setup.brain_class(modules=setup.modules(), hparams=hparams, run_opts=run_opts,
+                              checkpointer=hparams["checkpointer"])
+    brain.tokenizer = setup.tokenizer
     loader_kwargs = {"train": _loader_kwargs(hparams, train, "train"),
                      "valid": _loader_kwargs(hparams, valid, "valid")}
     loader_kwargs.update({name: _loader_kwargs(hparams, ds, "test") for name, ds in tests.items()})
     return Experiment(brain, train, valid, tests, loader_kwargs)
 
 
-def run_ctc(argv, prepare):
-    """Train and test a CTC recipe. ``prepare(hparams)`` returns the corpus ``Manifests``."""
+def run(argv, prepare, family):
+    """Train and test a recipe. ``prepare(hparams)`` returns the corpus ``Manifests``;
+    ``family`` is the model family's setup class (``CTCFamily``, ``WhisperFamily``)."""
     hparams, run_opts = load_hparams(argv)
-    experiment = build_ctc_experiment(hparams, run_opts, prepare)
+    experiment = build_experiment(hparams, run_opts, prepare, family)
     experiment.fit()
     results = experiment.evaluate()
     if sb.utils.distributed.if_main_process():

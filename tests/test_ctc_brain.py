@@ -8,7 +8,8 @@ import torch
 from conftest import MICRO_ENCODER, REPO
 from hyperpyyaml import load_hyperpyyaml
 
-from speechtune.recipe import Manifests, build_ctc_experiment
+from speechtune.ctc import CTCFamily
+from speechtune.recipe import Manifests, build_experiment
 
 YAML = REPO / "recipes" / "Synthetic" / "CTC" / "hparams" / "wavlm_tiny.yaml"
 
@@ -28,7 +29,7 @@ def experiment(data_dir, out, **overrides):
         d = Path(h["data_folder"]) / h["language"]
         return Manifests(str(d / "train.csv"), str(d / "valid.csv"), {"test": str(d / "test.csv")})
 
-    return build_ctc_experiment(hparams, {"device": "cpu"}, prepare)
+    return build_experiment(hparams, {"device": "cpu"}, prepare, CTCFamily)
 
 
 def noam(peak, warmup, step):

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speechtune.preflight import PreflightError, ctc_min_frames, run_preflight
+from speechtune.preflight import (
+    PreflightError,
+    ctc_label_check,
+    ctc_min_frames,
+    run_preflight,
+    seq2seq_label_check,
+)
 from speechtune.text import get_normalizer
 
 NORM = get_normalizer("en")
@@ -37,7 +43,7 @@ def clean_splits(tmp_path):
 
 
 def check(splits, **kw):
-    return run_preflight(splits, NORM, VOCAB, frames, **kw)
+    return run_preflight(splits, NORM, VOCAB, ctc_label_check(frames), **kw)
 
 
 def test_clean_data_passes(tmp_path):
@@ -86,7 +92,7 @@ def test_case_mismatch_with_uppercase_vocabulary_is_caught(tmp_path):
     splits = clean_splits(tmp_path)
     upper_vocab = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
     with pytest.raises(PreflightError, match=r"(?s)valid: .*not in the vocabulary.*Fix: normalise"):
-        run_preflight(splits, NORM, upper_vocab, frames)
+        run_preflight(splits, NORM, upper_vocab, ctc_label_check(frames))
 
 
 def test_a_few_oov_characters_below_threshold_pass(tmp_path):
@@ -133,7 +139,7 @@ def test_training_labels_are_checked_against_speed_perturbed_length(tmp_path):
     splits["train"] = rows_for(tmp_path, ["ab" * 22 + "c"], prefix="T")  # 45 labels, 50 frames
     assert check(splits)["train"] == set()
     with pytest.raises(PreflightError, match=r"(?s)too_many_labels.*train/T0"):
-        check(splits, train_speed_factor=0.85)  # 42 frames after speed perturbation to 85%
+        run_preflight(splits, NORM, VOCAB, ctc_label_check(frames, speed_factor=0.85))  # 42 frames
 
 
 def test_train_text_outside_a_reloaded_vocabulary_is_caught(tmp_path):
@@ -141,3 +147,31 @@ def test_train_text_outside_a_reloaded_vocabulary_is_caught(tmp_path):
     splits["train"] = rows_for(tmp_path, ["smörgåsbord"], prefix="T")
     with pytest.raises(PreflightError, match=r"(?s)train: .*not in the vocabulary"):
         check(splits)
+
+
+# ---------------------------------------------------------------- Whisper-style checks
+def seq2seq(window=2.0, max_tokens=20, speed_factor=1.0):
+    return seq2seq_label_check(window, max_tokens, count_tokens=lambda t: len(t.split()) + 4,
+                               speed_factor=speed_factor)
+
+
+def test_audio_longer_than_the_whisper_window_stops_every_split(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["test"] = rows_for(tmp_path, ["the dog"], seconds=2.5, prefix="s")
+    with pytest.raises(PreflightError, match=r"(?s)audio_too_long.*test/s0.*2\.50 s > 2 s window"):
+        run_preflight(splits, NORM, None, seq2seq(), mode="skip")
+
+
+def test_whisper_training_checks_use_the_lengthening_speed(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["train"] = rows_for(tmp_path, ["fine"], seconds=1.9, prefix="T")
+    assert run_preflight(splits, NORM, None, seq2seq())["train"] == set()
+    dropped = run_preflight(splits, NORM, None, seq2seq(speed_factor=1.1), mode="skip")
+    assert dropped["train"] == {"T0"}  # 2.09 s after speed perturbation to 110%
+
+
+def test_too_many_decoder_tokens_is_named(tmp_path):
+    splits = clean_splits(tmp_path)
+    splits["train"] += rows_for(tmp_path, ["word " * 30], prefix="L")
+    with pytest.raises(PreflightError, match=r"(?s)too_many_tokens.*train/L0.*34 tokens > 20"):
+        run_preflight(splits, NORM, None, seq2seq())

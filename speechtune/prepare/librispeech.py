@@ -6,6 +6,8 @@ from pathlib import Path
 
 import soundfile as sf
 
+from speechtune.recipe import Manifests
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train-clean-100", "train-clean-360", "train-other-500",
@@ -81,3 +83,45 @@ def _split_rows(data_folder, split):
             rows.append([utt_id, f"{info.frames / info.samplerate:.3f}", f"$data_root/{rel}",
                          spk, text])
     return rows
+
+
+def merge_csvs(paths, out_path):
+    """Concatenate manifests with the same columns (several train or dev splits) into one."""
+    if Path(out_path).exists():  # named after its splits, so an existing file is this merge
+        return str(out_path)
+    rows, header = [], None
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = header or reader.fieldnames
+            rows += list(reader)
+    tmp = Path(f"{out_path}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out_path)
+    return str(out_path)
+
+
+def prepare_librispeech_recipe(hparams):
+    """A recipe's manifests: ``train_splits`` merged, ``dev_splits`` merged, each test split.
+
+    Parameters
+    ----------
+    hparams : dict
+        Needs ``data_folder`` (the LibriSpeech root holding ``train-clean-100/`` etc.),
+        ``manifest_folder`` and the ``train_splits``, ``dev_splits``, ``test_splits`` lists.
+
+    Returns
+    -------
+    Manifests
+        CSV paths in the manifest contract (``ID, duration, wav, spk_id, wrd``).
+    """
+    folder = Path(hparams["manifest_folder"])
+    splits = hparams["train_splits"] + hparams["dev_splits"] + hparams["test_splits"]
+    csvs = prepare_librispeech(hparams["data_folder"], folder, splits)
+    train_name, dev_name = "+".join(hparams["train_splits"]), "+".join(hparams["dev_splits"])
+    train = merge_csvs([csvs[s] for s in hparams["train_splits"]], folder / f"{train_name}.csv")
+    valid = merge_csvs([csvs[s] for s in hparams["dev_splits"]], folder / f"{dev_name}.csv")
+    return Manifests(train=train, valid=valid, tests={s: csvs[s] for s in hparams["test_splits"]})

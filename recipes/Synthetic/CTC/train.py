@@ -9,25 +9,10 @@ training loop is speechtune.ctc.CTCBrain, shared by every corpus.
 """
 
 import sys
-from pathlib import Path
 
-from speechtune.recipe import Manifests, run_ctc
-
-
-def prepare(hparams):
-    """Bundled manifests of ``hparams['language']``: <data_folder>/<lang>/{train,valid,test}.csv."""
-    lang_dir = Path(hparams["data_folder"]) / hparams["language"]
-    paths = {split: lang_dir / f"{split}.csv" for split in ("train", "valid", "test")}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"Synthetic manifests not found: {missing}. Check --data_folder (now "
-            f"{hparams['data_folder']}) or regenerate the corpus: "
-            "python local/make_synthetic_corpus.py --out recipes/Synthetic/data"
-        )
-    return Manifests(train=str(paths["train"]), valid=str(paths["valid"]),
-                     tests={"test": str(paths["test"])})
-
+from speechtune.ctc import CTCFamily
+from speechtune.prepare.synthetic import prepare_synthetic
+from speechtune.recipe import run
 
 if __name__ == "__main__":
-    run_ctc(sys.argv[1:], prepare)
+    run(sys.argv[1:], prepare_synthetic, CTCFamily)

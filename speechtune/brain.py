@@ -1,0 +1,179 @@
+"""FineTuneBrain: the training loop every model family shares (CTC, Whisper).
+
+A family's Brain adds ``compute_forward``/``compute_objectives`` and says which parameters each
+optimizer trains (``parameter_groups``); the rest is here, once:
+
+- one optimizer and one LR schedule per parameter group, both declared in yaml as
+  ``<group>_opt_class`` and ``<group>_lr_scheduler`` (Noam or tri-stage), the LR set *before*
+  every optimizer step (SpeechBrain's own Whisper recipes declare a scheduler and never step it);
+- staged encoder freezing: ``freeze_encoder_steps`` (0, N or ``always``); while frozen the encoder
+  runs without autograd and its optimizer (if it has one) is not stepped;
+- validation at epoch ends and every ``valid_every_steps`` optimizer steps, each followed by a
+  checkpoint that keeps the best WER and the latest ``num_to_keep``;
+- the loss/WER history (checkpointed) and ``curves.png``; test alignments in ``wer_<split>.txt``.
+
+Keys read here (a missing key is an error, never a silent default): ``freeze_encoder_steps``,
+``valid_every_steps``, ``log_every_steps``, ``num_to_keep``, ``train_logger``, ``wer_computer``,
+``cer_computer``, ``checkpointer``, ``history``, ``epoch_counter``, ``output_folder``.
+"""
+
+import logging
+
+import speechbrain as sb
+import torch
+from speechbrain.nnet.schedulers import TriStageLRSchedule
+
+from speechtune.outputs import write_curves
+
+logger = logging.getLogger(__name__)
+
+
+class FineTuneBrain(sb.Brain):
+    """Per-group optimizers and LR schedules, staged freezing, best-WER checkpoints, curves."""
+
+    tokenizer = None  # set by the family's recipe setup
+    valid_loader = None
+    #: the optimizer group that trains the encoder, skipped while it is frozen (None: the
+    #: family has one optimizer; a frozen encoder then simply has no gradients)
+    encoder_group = "encoder"
+
+    # ------------------------------------------------------------------ to override
+    def parameter_groups(self):
+        """``{group name: trainable parameters}``; each group gets its own optimizer and LR."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ freezing
+    @property
+    def encoder_frozen(self):
+        """True while the encoder is frozen (``freeze_encoder_steps``: 0, N or ``always``)."""
+        steps = self.hparams.freeze_encoder_steps
+        return steps == "always" or self.optimizer_step < int(steps)
+
+    def freeze_optimizers(self, optimizers):
+        """Do not step the encoder's optimizer while the encoder is frozen."""
+        if self.encoder_frozen and self.encoder_group in optimizers:
+            return {k: v for k, v in optimizers.items() if k != self.encoder_group}
+        return optimizers
+
+    # ------------------------------------------------------------------ optimizers and LRs
+    def init_optimizers(self):
+        """One optimizer per parameter group (``<group>_opt_class``), checkpointed as
+        ``<group>_opt``; a group without trainable parameters gets none."""
+        self.optimizers_dict = {}
+        for name, params in self.parameter_groups().items():
+            params = [p for p in params if p.requires_grad]
+            if not params:
+                continue
+            self.optimizers_dict[name] = getattr(self.hparams, f"{name}_opt_class")(params)
+            if self.checkpointer is not None:
+                self.checkpointer.add_recoverable(f"{name}_opt", self.optimizers_dict[name])
+        if not self.optimizers_dict:
+            raise ValueError("Nothing to train: every parameter is frozen.")
+        self._step_schedulers()  # the first optimizer step already uses the warmup LR
+
+    def _step_schedulers(self):
+        """Set each optimizer's LR for the upcoming optimizer step."""
+        for name, opt in self.optimizers_dict.items():
+            scheduler = getattr(self.hparams, f"{name}_lr_scheduler")
+            if isinstance(scheduler, TriStageLRSchedule):
+                scheduler(opt, self.optimizer_step)
+            else:  # Noam-style: counts its own steps (checkpointed); keep it at optimizer_step + 1
+                while scheduler.n_steps < self.optimizer_step + 1:
+                    scheduler(opt)
+
+    def current_lrs(self):
+        """Current LR of each optimizer."""
+        return {f"lr_{n}": o.param_groups[0]["lr"] for n, o in self.optimizers_dict.items()}
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        """After an optimizer step: schedule LRs, log the loss curve, validate every N steps."""
+        if not should_step:
+            return
+        self._step_schedulers()
+        step = self.optimizer_step
+        if step % self.hparams.log_every_steps == 0:
+            self.hparams.history.add_train(step, float(loss.detach()))
+        every = self.hparams.valid_every_steps
+        if every and step % every == 0 and self.valid_loader is not None:
+            self._validate(end_of_epoch=False)
+            self.modules.train()
+
+    def _validate(self, end_of_epoch):
+        """Run the validation loop now (used for step-based validation inside an epoch)."""
+        self.on_stage_start(sb.Stage.VALID, self.current_epoch)
+        self.modules.eval()
+        avg = 0.0
+        for i, batch in enumerate(self.valid_loader, start=1):
+            loss = self.evaluate_batch(batch, sb.Stage.VALID)
+            avg += (float(loss) - avg) / i
+        self._end_valid(avg, end_of_epoch)
+
+    def on_stage_start(self, stage, epoch=None):
+        """Fresh WER/CER accumulators for valid/test."""
+        if stage == sb.Stage.TRAIN:
+            self.current_epoch = epoch
+            self.train_stats = None
+        else:
+            self.wer_metric = self.hparams.wer_computer()
+            self.cer_metric = self.hparams.cer_computer()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Log stats; checkpoint on validation (best WER + latest kept); write test alignments."""
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = {"loss": stage_loss}
+        elif stage == sb.Stage.VALID:
+            self._end_valid(stage_loss, end_of_epoch=True)
+        else:
+            stats = self._error_stats(stage_loss)
+            self.hparams.train_logger.log_stats(
+                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current,
+                            "split": self.test_split}, test_stats=stats)
+            path = f"{self.hparams.output_folder}/wer_{self.test_split}.txt"
+            with open(path, "w", encoding="utf-8") as f:
+                self.wer_metric.write_stats(f)
+            self.test_stats = stats
+            logger.info("%s WER %.2f%%  CER %.2f%%  (alignments: %s)", self.test_split,
+                        stats["WER"], stats["CER"], path)
+
+    def _error_stats(self, loss):
+        return {"loss": loss, "WER": self.wer_metric.summarize("error_rate"),
+                "CER": self.cer_metric.summarize("error_rate")}
+
+    def _end_valid(self, loss, end_of_epoch):
+        stats = self._error_stats(loss)
+        step = self.optimizer_step
+        meta = {"epoch": self.current_epoch, "step": step, **self.current_lrs()}
+        # mid-epoch: the running average of this epoch so far, not the previous epoch's loss
+        train_stats = self.train_stats if end_of_epoch else {"loss": float(self.avg_train_loss)}
+        self.hparams.train_logger.log_stats(
+            stats_meta=meta, train_stats=train_stats, valid_stats=stats)
+        self.hparams.history.add_valid(step, stats["WER"], stats["CER"])
+        self.checkpointer.save_and_keep_only(
+            meta={"WER": stats["WER"], "CER": stats["CER"], "epoch": self.current_epoch,
+                  "step": step},
+            min_keys=["WER"], num_to_keep=self.hparams.num_to_keep, end_of_epoch=end_of_epoch)
+        if sb.utils.distributed.if_main_process():
+            write_curves(self.hparams.history, f"{self.hparams.output_folder}/curves.png")
+
+    # ------------------------------------------------------------------ entry points
+    def fit(self, epoch_counter, train_set, valid_set=None, **kwargs):
+        """``Brain.fit``, keeping the valid loader for step-based validation."""
+        if valid_set is not None and not isinstance(valid_set, torch.utils.data.DataLoader):
+            # ckpt_prefix=None: a mid-epoch checkpoint must not record the valid loader as spent
+            valid_set = self.make_dataloader(valid_set, stage=sb.Stage.VALID, ckpt_prefix=None,
+                                             **kwargs.get("valid_loader_kwargs", {}))
+        self.valid_loader = valid_set
+        batch_sampler = kwargs.get("train_loader_kwargs", {}).get("batch_sampler")
+        if batch_sampler is not None:
+            # SpeechBrain calls train_sampler.set_epoch(epoch) (a new shuffle each epoch) but only
+            # registers samplers itself under DDP; DDP wraps this one in make_dataloader
+            self.train_sampler = batch_sampler
+        return super().fit(epoch_counter, train_set, valid_set, **kwargs)
+
+    def evaluate(self, test_set, split="test", **kwargs):
+        """``Brain.evaluate`` on the best-WER checkpoint; alignments go to ``wer_<split>.txt``."""
+        self.test_split = split
+        kwargs.setdefault("min_key", "WER")
+        super().evaluate(test_set, **kwargs)
+        return self.test_stats
