@@ -21,6 +21,7 @@ import logging
 
 import speechbrain as sb
 import torch
+from speechbrain.augment.time_domain import SpeedPerturb
 from speechbrain.nnet.schedulers import TriStageLRSchedule
 
 from speechtune.outputs import write_curves
@@ -84,6 +85,21 @@ class FineTuneBrain(sb.Brain):
     def current_lrs(self):
         """Current LR of each optimizer."""
         return {f"lr_{n}": o.param_groups[0]["lr"] for n, o in self.optimizers_dict.items()}
+
+    # ------------------------------------------------------------------ augmentation
+    def augment(self, wavs, wav_lens):
+        """Waveform augmentation (``augmenter``) in fp32 outside autocast, on the run's device.
+
+        SpeechBrain's ``SpeedPerturb`` resamples on the CPU unless told otherwise (a host round
+        trip per batch), and under CUDA bf16 autocast a batch that went through ``DropFreq``
+        first reaches it as bf16 and fails against its fp32 kernel.
+        """
+        augmenter = self.hparams.augmenter
+        for aug in augmenter.augmentations.values():
+            if isinstance(aug, SpeedPerturb):
+                aug.device = self.device
+        with torch.autocast(device_type=self.device_type, enabled=False):
+            return augmenter(wavs.float(), wav_lens)
 
     # ------------------------------------------------------------------ hooks
     def on_fit_batch_end(self, batch, outputs, loss, should_step):

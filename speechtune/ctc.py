@@ -36,7 +36,7 @@ class CTCBrain(FineTuneBrain):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         if stage == sb.Stage.TRAIN and self.hparams.augmenter is not None:
-            wavs, wav_lens = self.hparams.augmenter(wavs, wav_lens)
+            wavs, wav_lens = self.augment(wavs, wav_lens)
         frozen = stage != sb.Stage.TRAIN or self.encoder_frozen
         with torch.no_grad() if frozen else contextlib.nullcontext():
             feats = self.modules.encoder(wavs, wav_lens)
@@ -97,6 +97,10 @@ class CTCFamily:
         shrink = 1.0 if hp["augmenter"] is None else min(hp["speeds"]) / 100
         rate = hp["sample_rate"]
         return ctc_label_check(lambda s: encoder.output_frames(int(s * rate)), shrink)
+
+    def configure(self, brain):
+        """Give the Brain the vocabulary it decodes with."""
+        brain.tokenizer = self.tokenizer
 
     def add_pipelines(self, datasets):
         """``sig`` and ``tokens`` (character ids of the normalised ``words``)."""

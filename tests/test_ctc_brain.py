@@ -197,3 +197,23 @@ def test_bf16_autocast_keeps_the_ctc_loss_in_fp32(synthetic_subset, tmp_path):
     assert torch.isfinite(loss)
     exp.fit()  # a whole bf16 epoch trains
     assert brain.optimizer_step > 0
+
+
+def test_augmentation_runs_in_fp32_on_the_run_device_under_autocast(synthetic_subset, tmp_path):
+    """On CUDA with bf16, SpeechBrain's SpeedPerturb (CPU resampling by default) failed on a batch
+    that DropFreq had turned into bf16 (found on an H100); augmentation now runs outside autocast
+    in fp32, on the run's device."""
+    from speechbrain.augment.augmenter import Augmenter
+    from speechbrain.augment.time_domain import DropFreq, SpeedPerturb
+
+    exp = experiment(synthetic_subset, tmp_path / "run", precision="bf16")
+    brain = exp.brain
+    speed = SpeedPerturb(16000, speeds=[90], device="meta")
+    brain.hparams.augmenter = Augmenter(
+        concat_original=False, min_augmentations=2, max_augmentations=2,
+        shuffle_augmentations=False, augmentations=[DropFreq(), speed])
+    wavs = torch.randn(2, 16000)
+    with brain.training_ctx:
+        out, lens = brain.augment(wavs, torch.ones(2))
+    assert out.dtype == torch.float32 and out.shape[0] == 2
+    assert speed.device == brain.device
