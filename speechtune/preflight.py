@@ -44,9 +44,6 @@ class Report:
     oov: dict[str, Counter] = field(default_factory=dict)  # split -> Counter of OOV characters
     oov_rate: dict[str, float] = field(default_factory=dict)
 
-    def bad_ids(self, split):
-        return {p.utt_id for p in self.problems if p.split == split}
-
     def write(self, path):
         with open(path, "w", encoding="utf-8") as f:
             f.write("split\tID\tproblem\tdetail\n")
@@ -68,6 +65,8 @@ FIXES = {
     "too_many_tokens": "cut the utterance, or drop it with --preflight=skip (the decoder has a "
                        "fixed number of positions)",
 }
+# reported in the log and the report, never fatal, never dropped
+WARNINGS = {"audio_cut": "scored against the full transcript from the first window only"}
 
 
 def ctc_min_frames(labels) -> int:
@@ -117,17 +116,25 @@ def ctc_label_check(frames_for_seconds, speed_factor=1.0):
 def seq2seq_label_check(window_seconds, max_tokens, count_tokens, speed_factor=1.0):
     """Whisper-style encoder-decoder: audio must fit the encoder window, tokens the decoder.
 
-    Audio longer than ``window_seconds`` would be cut (a silently wrong target or score), in every
-    split; ``speed_factor`` is the length factor of the most *lengthening* training augmentation.
-    A training target of more than ``max_tokens`` decoder positions (``count_tokens(text)``,
-    prefix and end-of-text included) cannot be trained on.
+    A training utterance longer than ``window_seconds`` (at ``speed_factor``, the length factor of
+    the most *lengthening* augmentation) would be cut and trained on a transcript it no longer
+    matches; one whose target needs more than ``max_tokens`` decoder positions
+    (``count_tokens(text)``: prefix included) cannot be trained on. A valid/test
+    utterance longer than the window is decoded from its first ``window_seconds`` and scored
+    against its full transcript (the missing words count as deletions): reported, not fatal
+    (LibriSpeech's dev/test sets hold a few such utterances).
     """
 
     def check(split, row, text):
-        seconds = float(row["duration"]) * (speed_factor if split == "train" else 1.0)
-        if seconds > window_seconds:
-            return "audio_too_long", f"{seconds:.2f} s > {window_seconds:g} s window"
-        if split == "train" and count_tokens(text) > max_tokens:
+        seconds = float(row["duration"])
+        if split != "train":
+            if seconds > window_seconds:
+                return "audio_cut", f"{seconds:.2f} s > {window_seconds:g} s window"
+            return None
+        if seconds * speed_factor > window_seconds:
+            return "audio_too_long", (f"{seconds * speed_factor:.2f} s (with speed perturbation) "
+                                      f"> {window_seconds:g} s window")
+        if count_tokens(text) > max_tokens:
             return "too_many_tokens", f"{count_tokens(text)} tokens > {max_tokens} positions"
         return None
 
@@ -202,7 +209,14 @@ def run_preflight(splits, normalize, vocab, label_check, mode="error",
             "from training text that covers these characters. Tolerated: "
             f"{max_oov_rate:.1%} (preflight_max_oov_rate)."
         )
-    fatal = [p for p in report.problems if mode == "error" or p.split != "train"]
+    for kind, detail in WARNINGS.items():
+        cut = [p for p in report.problems if p.kind == kind]
+        if cut:
+            logger.warning("pre-flight: %d valid/test utterance(s) longer than the encoder window, "
+                           "%s, e.g. %s (see %s)", len(cut), detail,
+                           ", ".join(f"{p.split}/{p.utt_id}" for p in cut[:3]), report_path)
+    problems = [p for p in report.problems if p.kind not in WARNINGS]
+    fatal = [p for p in problems if mode == "error" or p.split != "train"]
     if fatal:
         kinds = Counter(p.kind for p in fatal)
         lines = []
@@ -217,7 +231,7 @@ def run_preflight(splits, normalize, vocab, label_check, mode="error",
                all(p.split == "train" for p in fatal) else
                "\nValid/test utterances are never skipped: fix or remove them in the manifest.")
         )
-    for kind, n in Counter(p.kind for p in report.problems).items():
+    for kind, n in Counter(p.kind for p in problems).items():
         logger.warning("pre-flight: skipping %d utterance(s) with %s (see %s)", n, kind,
                        report_path)
-    return {split: report.bad_ids(split) for split in splits}
+    return {split: {p.utt_id for p in problems if p.split == split} for split in splits}

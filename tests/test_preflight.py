@@ -155,11 +155,18 @@ def seq2seq(window=2.0, max_tokens=20, speed_factor=1.0):
                                speed_factor=speed_factor)
 
 
-def test_audio_longer_than_the_whisper_window_stops_every_split(tmp_path):
+def test_audio_longer_than_the_whisper_window(tmp_path):
     splits = clean_splits(tmp_path)
+    splits["train"] += rows_for(tmp_path, ["long one"], seconds=2.5, prefix="L")
+    with pytest.raises(PreflightError, match=r"(?s)audio_too_long.*train/L0.*2\.50 s .*> 2 s"):
+        run_preflight(splits, NORM, None, seq2seq())
+    # a test utterance past the window is scored (cut audio, full reference) and reported
+    splits["train"].pop()
     splits["test"] = rows_for(tmp_path, ["the dog"], seconds=2.5, prefix="s")
-    with pytest.raises(PreflightError, match=r"(?s)audio_too_long.*test/s0.*2\.50 s > 2 s window"):
-        run_preflight(splits, NORM, None, seq2seq(), mode="skip")
+    report = tmp_path / "report.tsv"
+    dropped = run_preflight(splits, NORM, None, seq2seq(), report_path=report)
+    assert dropped["test"] == set()
+    assert "s0\taudio_cut\t2.50 s > 2 s window" in report.read_text()
 
 
 def test_whisper_training_checks_use_the_lengthening_speed(tmp_path):
