@@ -106,7 +106,7 @@ def build_experiment(hparams, run_opts, prepare, family):
 
     brain = setup.brain_class(modules=setup.modules(), hparams=hparams, run_opts=run_opts,
                               checkpointer=hparams["checkpointer"])
-    brain.tokenizer = setup.tokenizer
+    setup.configure(brain)
     loader_kwargs = {"train": _loader_kwargs(hparams, train, "train"),
                      "valid": _loader_kwargs(hparams, valid, "valid")}
     loader_kwargs.update({name: _loader_kwargs(hparams, ds, "test") for name, ds in tests.items()})

@@ -32,6 +32,15 @@ MICRO_ENCODER = {
 }
 
 
+# A micro Whisper for tests: Whisper's tokenizer layout and prefix, a 4 s window, one layer each.
+MICRO_WHISPER = {
+    "multilingual": True, "bpe_vocab_size": 300, "chunk_length": 4, "num_mel_bins": 80,
+    "d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+    "max_target_positions": 64, "init_std": 0.05,
+}
+
+
 @pytest.fixture(scope="session")
 def micro_encoder_dir(tmp_path_factory):
     """A micro WavLM saved in HF format (local folder, no hub)."""
@@ -40,6 +49,17 @@ def micro_encoder_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("micro_wavlm")
     cfg = dict(MICRO_ENCODER)
     return build_tiny_encoder(path, cfg.pop("model_type"), **cfg)
+
+
+@pytest.fixture(scope="session")
+def micro_whisper_en_dir(tmp_path_factory):
+    """A micro English-only Whisper saved in HF format, its BPE trained on the bundled text."""
+    from speechtune.models import build_tiny_whisper
+
+    with open(SYNTHETIC / "en" / "train.csv", newline="", encoding="utf-8") as f:
+        texts = [row["wrd"] for row in csv.DictReader(f)]
+    return build_tiny_whisper(tmp_path_factory.mktemp("micro_whisper_en"), texts,
+                              **{**MICRO_WHISPER, "multilingual": False})
 
 
 def write_subset(src_dir, dst_dir, counts):

@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from conftest import MICRO_ENCODER, REPO
+from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC
 from hyperpyyaml import load_hyperpyyaml
 
 HPARAMS = sorted(REPO.glob("recipes/*/*/hparams/*.yaml"))
@@ -13,6 +13,10 @@ RECIPE_TESTS = {
     "recipes/Synthetic/CTC/hparams/wavlm_tiny.yaml": "tests/test_recipes.py",
     "recipes/LibriSpeech/CTC/hparams/wavlm_large.yaml": "tests/test_librispeech.py",
     "recipes/LibriSpeech/CTC/hparams/wavlm_large_paper.yaml": "tests/test_librispeech.py",
+    "recipes/Synthetic/Whisper/hparams/whisper_tiny.yaml": "tests/test_recipes.py",
+    "recipes/LibriSpeech/Whisper/hparams/whisper_small_en.yaml": "tests/test_librispeech.py",
+    # the small recipe with another model name (a test in test_librispeech.py checks that)
+    "recipes/LibriSpeech/Whisper/hparams/whisper_medium_en.yaml": "tests/test_librispeech.py",
 }
 
 
@@ -32,16 +36,27 @@ def test_header_names_the_run_command(path):
 
 
 @pytest.mark.parametrize("path", HPARAMS, ids=lambda p: p.relative_to(REPO).as_posix())
-def test_loads_with_a_tiny_encoder(path, tmp_path):
-    overrides = {"output_folder": str(tmp_path), "encoder_hub": str(tmp_path / "tiny_encoder"),
-                 "build_tiny_encoder": True, "tiny_encoder": MICRO_ENCODER}
+def test_loads_with_a_tiny_model(path, tmp_path, micro_whisper_en_dir):
     text = path.read_text(encoding="utf-8")
+    overrides = {"output_folder": str(tmp_path)}
     if re.search(r"^data_folder: !PLACEHOLDER", text, re.M):
         overrides["data_folder"] = str(tmp_path)
+    if "encoder_hub" in text:  # CTC family
+        overrides.update(encoder_hub=str(tmp_path / "tiny_encoder"), build_tiny_encoder=True,
+                         tiny_encoder=MICRO_ENCODER)
+    elif "build_tiny_whisper" in text:  # its BPE is trained on the corpus's train manifest
+        overrides.update(tiny_whisper=MICRO_WHISPER, data_folder=str(SYNTHETIC))
+    else:
+        overrides["whisper_hub"] = micro_whisper_en_dir
     with open(path, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, json.loads(json.dumps(overrides)))
-    assert hparams["encoder"].output_frames(16000) == 49  # WavLM arithmetic: 20 ms frames
-    assert hparams["freeze_encoder_steps"] == "always" or int(hparams["freeze_encoder_steps"]) >= 0
+    if "encoder" in hparams:
+        assert hparams["encoder"].output_frames(16000) == 49  # WavLM arithmetic: 20 ms frames
+        steps = hparams["freeze_encoder_steps"]
+        assert steps == "always" or int(steps) >= 0
+    else:
+        assert hparams["whisper"].window_seconds == 4  # the micro model's window
+        assert isinstance(hparams["freeze_encoder"], bool)
     assert hparams["precision"] in ("fp32", "bf16", "fp16")
 
 

@@ -5,8 +5,9 @@ import json
 import shutil
 
 import pytest
-from conftest import MICRO_ENCODER, REPO, SYNTHETIC, run_recipe
+from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe
 
+from speechtune.models import build_tiny_whisper
 from speechtune.prepare.librispeech import prepare_librispeech
 
 RECIPE = REPO / "recipes" / "LibriSpeech" / "CTC"
@@ -77,3 +78,32 @@ def test_recipe_runs_one_tiny_epoch_on_the_fake_tree(tmp_path, yaml):
         assert (out / name).exists(), name
     log = (out / "train_log.txt").read_text()
     assert log.count("valid WER") >= 2  # step-based validation plus the epoch end
+
+
+@pytest.mark.recipe
+def test_whisper_recipe_runs_one_tiny_epoch_on_the_fake_tree(tmp_path):
+    """whisper_small_en.yaml with a local tiny English-only Whisper in place of the hub id."""
+    root = fake_librispeech(tmp_path / "LibriSpeech")
+    texts = [line.split(" ", 1)[1].lower() for f in root.rglob("*.trans.txt")
+             for line in f.read_text().splitlines()]
+    model = build_tiny_whisper(tmp_path / "tiny_whisper_en", texts,
+                               **{**MICRO_WHISPER, "multilingual": False})
+    out = tmp_path / "results"
+    proc = run_recipe(REPO / "recipes" / "LibriSpeech" / "Whisper", [
+        "hparams/whisper_small_en.yaml", f"--data_folder={root}", f"--output_folder={out}",
+        f"--whisper_hub={model}", "--number_of_epochs=1", "--precision=fp32",
+        "--eval_precision=fp32", "--device=cpu", "--batch_size=8", "--num_workers=0",
+        "--valid_every_steps=1", "--grad_accumulation_factor=1", "--max_duration=3.0",
+    ])
+    assert "test-clean: WER" in proc.stdout and "test-other: WER" in proc.stdout
+    for name in ("train_log.txt", "wer_test-clean.txt", "wer_test-other.txt", "curves.png"):
+        assert (out / name).exists(), name
+    assert (out / "train_log.txt").read_text().count("valid WER") >= 2
+
+
+def test_whisper_medium_yaml_is_the_small_one_with_another_model():
+    """Two model sizes, one recipe: the files may differ only in the model's name."""
+    hp = REPO / "recipes" / "LibriSpeech" / "Whisper" / "hparams"
+    small = (hp / "whisper_small_en.yaml").read_text(encoding="utf-8")
+    medium = (hp / "whisper_medium_en.yaml").read_text(encoding="utf-8")
+    assert medium == small.replace("small", "medium")

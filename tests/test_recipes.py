@@ -5,7 +5,7 @@ import re
 
 import pytest
 import yaml
-from conftest import MICRO_ENCODER, REPO, SYNTHETIC, run_recipe, write_subset
+from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe, write_subset
 
 RECIPE = REPO / "recipes" / "Synthetic" / "CTC"
 
@@ -72,3 +72,37 @@ def test_rerunning_the_command_resumes_from_the_latest_checkpoint(tmp_path):
     steps = [int(s) for s in re.findall(r"^epoch: \d+, step: (\d+)", log, re.M)]
     assert steps[1] > steps[0]  # the optimizer-step count carried over
     assert "Loading a checkpoint" in proc.stdout + proc.stderr
+
+
+WHISPER_RECIPE = REPO / "recipes" / "Synthetic" / "Whisper"
+
+
+@pytest.mark.recipe
+@pytest.mark.parametrize("language", ["en", "da"])
+def test_synthetic_whisper_recipe_trains_two_epochs_and_tests_the_best(tmp_path, language):
+    data = tmp_path / "data"
+    write_subset(SYNTHETIC / language, data / language, {"train": 40, "valid": 8, "test": 8})
+    out = tmp_path / "results"
+    proc = run_recipe(WHISPER_RECIPE, [
+        "hparams/whisper_tiny.yaml", f"--language={language}", f"--data_folder={data}",
+        f"--output_folder={out}", f"--tiny_whisper={json.dumps(MICRO_WHISPER)}",
+        "--number_of_epochs=2", "--max_batch_seconds=12", "--warmup_steps=5", "--device=cpu",
+        "--augmenter=!ref <augmentation[augmenter]>",
+    ])
+    assert re.search(r"test: WER \d+\.\d+%  CER \d+\.\d+%", proc.stdout), proc.stdout[-2000:]
+    for name in ("train_log.txt", "hyperparams.yaml", "wer_test.txt", "curves.png",
+                 "preflight_report.tsv", "tiny_whisper/tokenizer.json"):
+        assert (out / name).exists(), name
+    log = (out / "train_log.txt").read_text()
+    valid = {int(e): float(w) for e, w in
+             re.findall(r"epoch: (\d+), step: \d+.*valid WER: ([\d.e+-]+)", log)}
+    assert sorted(valid) == [1, 2]
+    kept = kept_checkpoints(out / "save")
+    assert 1 <= len(kept) <= 2
+    assert any(m["WER"] == pytest.approx(min(valid.values())) for m in kept.values())
+    loaded = int(re.search(r"Epoch loaded: (\d+)", log).group(1))
+    assert valid[loaded] == pytest.approx(min(valid.values()))  # the best-WER checkpoint
+    alignments = (out / "wer_test.txt").read_text()
+    assert "%WER" in alignments and alignments.count("=" * 20) >= 8
+    if language == "da":  # the references kept their letters through normalisation
+        assert re.search("[æøå]", alignments)

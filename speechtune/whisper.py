@@ -1,0 +1,186 @@
+"""Whisper family: fine-tune Whisper's decoder (and optionally its encoder) with NLL.
+
+The shared loop (optimizer, LR schedule stepped at every optimizer step, freezing, validation,
+checkpoints) is ``speechtune.brain.FineTuneBrain``. This module adds the teacher-forced forward,
+the NLL loss, greedy (valid) and beam (test) decoding with SpeechBrain's Whisper searchers, and
+the family's recipe setup (prefix tokens, text normalisation, pre-flight window/position checks).
+
+Keys read here besides the shared ones: ``whisper`` (``speechtune.models.Whisper``),
+``whisper_hub``, ``language``, ``augmenter`` (``null`` = none), ``speeds``, ``freeze_encoder``,
+``whisper_opt_class``, ``whisper_lr_scheduler``, ``label_smoothing``, ``normalize_targets``,
+``valid_search``, ``test_search``, ``sample_rate``.
+"""
+
+import speechbrain as sb
+import torch
+from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+from speechtune import data
+from speechtune.brain import FineTuneBrain
+from speechtune.preflight import seq2seq_label_check
+from speechtune.text import get_normalizer
+
+
+class WhisperBrain(FineTuneBrain):
+    """Whisper encoder-decoder trained by NLL on the decoder's next-token predictions."""
+
+    # one optimizer over every trainable parameter: a frozen encoder has no gradients, so
+    # AdamW skips it until ``freeze_encoder_steps`` unfreezes it
+    encoder_group = None
+
+    @property
+    def encoder_frozen(self):
+        """``freeze_encoder`` (never trains) or within the first ``freeze_encoder_steps``."""
+        return self.hparams.freeze_encoder or super().encoder_frozen
+
+    def parameter_groups(self):
+        """One group: the whole model (a ``freeze_encoder`` encoder has no trainable weights)."""
+        return {"whisper": self.modules.whisper.parameters()}
+
+    def compute_forward(self, batch, stage):
+        """Augment (train) -> log-mel -> encoder (no autograd while frozen) -> decoder on the
+        prefix + text tokens -> fp32 log-softmax; greedy (valid) or beam (test) hypotheses."""
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        bos, bos_lens = batch.tokens_bos
+        if stage == sb.Stage.TRAIN and self.hparams.augmenter is not None:
+            wavs, wav_lens = self.augment(wavs, wav_lens)
+            bos = self.hparams.augmenter.replicate_labels(bos)
+            bos_lens = self.hparams.augmenter.replicate_labels(bos_lens)
+        # padding positions carry the tokenizer's pad id (the batch pads with 0, a real token)
+        lengths = (bos_lens * bos.shape[1]).round()
+        pad = ~sb.dataio.dataio.length_to_mask(lengths, bos.shape[1]).bool()
+        bos = bos.masked_fill(pad, self.tokenizer.pad_token_id)
+
+        frozen = stage != sb.Stage.TRAIN or self.encoder_frozen
+        enc, logits, _ = self.modules.whisper(wavs, bos, encoder_grad=not frozen)
+        log_probs = logits.float().log_softmax(dim=-1)
+        hyps = None
+        if stage == sb.Stage.VALID:
+            hyps, _, _, _ = self.hparams.valid_search(enc.detach(), wav_lens)
+        elif stage == sb.Stage.TEST:
+            hyps, _, _, _ = self.hparams.test_search(enc.detach(), wav_lens)
+        return log_probs, hyps
+
+    def compute_objectives(self, predictions, batch, stage):
+        """NLL over ``tokens_eos`` (padding masked, optional label smoothing); WER/CER on
+        normalised hypotheses and references in valid/test."""
+        log_probs, hyps = predictions
+        eos, eos_lens = batch.tokens_eos
+        if stage == sb.Stage.TRAIN and self.hparams.augmenter is not None:
+            eos = self.hparams.augmenter.replicate_labels(eos)
+            eos_lens = self.hparams.augmenter.replicate_labels(eos_lens)
+        loss = sb.nnet.losses.nll_loss(log_probs, eos, length=eos_lens,
+                                       label_smoothing=self.hparams.label_smoothing)
+        if stage != sb.Stage.TRAIN:
+            texts = self.tokenizer.batch_decode(hyps, skip_special_tokens=True)
+            predicted = [self.score_normalize(text).split() for text in texts]
+            targets = [words.split() for words in batch.words]
+            self.wer_metric.append(batch.id, predicted, targets)
+            self.cer_metric.append(batch.id, predicted, targets)
+        return loss
+
+
+def scoring_normalizer(language, tokenizer):
+    """Text normalisation for WER/CER: Whisper's English normaliser for English (with the
+    tokenizer's British-to-American spelling map when it has one), the language's registry
+    normaliser otherwise (it keeps every letter: æ, ø, å, ß, ...)."""
+    if language == "en":
+        return EnglishTextNormalizer(getattr(tokenizer, "english_spelling_normalizer", None) or {})
+    return get_normalizer(language)
+
+
+class WhisperFamily:
+    """Recipe setup of the Whisper family (used by ``speechtune.recipe.build_experiment``)."""
+
+    brain_class = WhisperBrain
+
+    def __init__(self, hparams):
+        self.hparams = hparams
+        self.whisper = hparams["whisper"]
+        self.tokenizer = self.whisper.tokenizer
+        language = hparams["language"]
+        if not self.whisper.is_multilingual and language != "en":
+            raise ValueError(
+                f"language={language}, but {hparams['whisper_hub']} is an English-only Whisper "
+                "(no language token). Use a multilingual model, e.g. "
+                "--whisper_hub=openai/whisper-small.")
+        if self.whisper.is_multilingual and self.whisper.language != language:
+            raise ValueError(f"whisper.language={self.whisper.language} but language={language}: "
+                             "pass language: !ref <language> to the Whisper wrapper in the yaml.")
+        if hparams["freeze_encoder"] and hparams["freeze_encoder_steps"] != 0:
+            raise ValueError(
+                f"freeze_encoder_steps={hparams['freeze_encoder_steps']} has no effect with "
+                "freeze_encoder: True (the encoder never trains). To train it after N steps, "
+                "pass --freeze_encoder=False --freeze_encoder_steps=N.")
+        self.prefix = list(self.tokenizer.prefix_tokens)
+        self._check_decode_lengths()
+        self.score_normalize = scoring_normalizer(language, self.tokenizer)
+        normalize = get_normalizer(language)
+        self.target_text = normalize if hparams["normalize_targets"] else (lambda text: text)
+
+    def _check_decode_lengths(self):
+        """Searchers stop after ``encoder frames * max_decode_ratio`` tokens: those must fit the
+        decoder's positions after the prefix (else decoding fails deep into a run)."""
+        config = self.whisper.model.config
+        frames, positions = config.max_source_positions, config.max_target_positions
+        for key in ("valid_search", "test_search"):
+            ratio = self.hparams[key].max_decode_ratio
+            if len(self.prefix) + int(frames * ratio) > positions:
+                raise ValueError(
+                    f"{key}: max_decode_ratio={ratio} lets it write {int(frames * ratio)} tokens "
+                    f"after the {len(self.prefix)}-token prefix, beyond the decoder's {positions} "
+                    f"positions; use at most {(positions - len(self.prefix)) / frames:.3f}.")
+
+    def configure(self, brain):
+        """Give the Brain what it decodes and scores with."""
+        brain.tokenizer = self.tokenizer
+        brain.score_normalize = self.score_normalize
+
+    def set_texts(self, rows):
+        """``words``: the scoring reference; ``target``: what the decoder learns to write."""
+        for split_rows in rows.values():
+            for row in split_rows.values():
+                row["words"] = self.score_normalize(row["wrd"])
+                row["target"] = self.target_text(row["wrd"])
+
+    def build_tokenizer(self, train_rows):
+        """Whisper's own byte-level tokenizer covers every character: no vocabulary check."""
+        return None
+
+    def count_tokens(self, text):
+        """Decoder positions a target needs: prefix + text tokens (``<|endoftext|>`` is only
+        predicted, never fed)."""
+        return len(self.prefix) + len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def label_check(self):
+        """Audio within the encoder window (at the most lengthening speed perturbation), targets
+        within the decoder's positions."""
+        hp = self.hparams
+        stretch = 1.0 if hp["augmenter"] is None else max(hp["speeds"]) / 100
+        return seq2seq_label_check(self.whisper.window_seconds,
+                                   self.whisper.model.config.max_target_positions,
+                                   self.count_tokens, stretch)
+
+    def add_pipelines(self, datasets):
+        """``sig``, ``tokens_bos`` (prefix + text) and ``tokens_eos`` (the same shifted by one:
+        prefix without start-of-transcript + text + end-of-text)."""
+        data.add_audio_pipeline(datasets, self.hparams["sample_rate"])
+        tokenizer, prefix, eos = self.tokenizer, self.prefix, self.whisper.eos
+
+        @sb.utils.data_pipeline.takes("target")
+        @sb.utils.data_pipeline.provides("tokens_bos", "tokens_eos")
+        def text_pipeline(target):
+            # position i of the decoder predicts token i + 1: the language and task tokens
+            # after <|startoftranscript|>, then the text, then <|endoftext|>
+            tokens = prefix + tokenizer.encode(target, add_special_tokens=False) + [eos]
+            yield torch.LongTensor(tokens[:-1])
+            yield torch.LongTensor(tokens[1:])
+
+        sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
+        sb.dataio.dataset.set_output_keys(
+            datasets, ["id", "sig", "words", "tokens_bos", "tokens_eos", "duration"])
+
+    def modules(self):
+        """The Brain's modules: the Whisper wrapper (encoder and decoder)."""
+        return {"whisper": self.whisper}
