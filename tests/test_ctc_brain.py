@@ -1,15 +1,14 @@
 """CTCBrain behaviour, driven in-process through the real Synthetic yaml with a micro encoder:
 Noam LR per optimizer step, staged freezing, and the best-WER checkpoint policy."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import MICRO_ENCODER, REPO
 from hyperpyyaml import load_hyperpyyaml
 
 from speechtune.ctc import CTCFamily
-from speechtune.recipe import Manifests, build_experiment
+from speechtune.prepare.synthetic import prepare_synthetic
+from speechtune.recipe import build_experiment
 
 YAML = REPO / "recipes" / "Synthetic" / "CTC" / "hparams" / "wavlm_tiny.yaml"
 
@@ -24,12 +23,7 @@ def experiment(data_dir, out, **overrides):
     base.update(overrides)
     with open(YAML, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, base)
-
-    def prepare(h):
-        d = Path(h["data_folder"]) / h["language"]
-        return Manifests(str(d / "train.csv"), str(d / "valid.csv"), {"test": str(d / "test.csv")})
-
-    return build_experiment(hparams, {"device": "cpu"}, prepare, CTCFamily)
+    return build_experiment(hparams, {"device": "cpu"}, prepare_synthetic, CTCFamily)
 
 
 def noam(peak, warmup, step):

@@ -1,15 +1,14 @@
 """WhisperBrain behaviour, driven in-process through the real Synthetic Whisper yaml with a micro
 Whisper: Noam LR per optimizer step, frozen encoder, decoder inputs/targets, text scoring."""
 
-from pathlib import Path
-
 import pytest
 import speechbrain as sb
 import torch
 from conftest import MICRO_WHISPER, REPO, SYNTHETIC, write_subset
 from hyperpyyaml import load_hyperpyyaml
 
-from speechtune.recipe import Manifests, build_experiment
+from speechtune.prepare.synthetic import prepare_synthetic
+from speechtune.recipe import build_experiment
 from speechtune.whisper import WhisperFamily, scoring_normalizer
 
 YAML = REPO / "recipes" / "Synthetic" / "Whisper" / "hparams" / "whisper_tiny.yaml"
@@ -27,12 +26,7 @@ def load(data_dir, out, **overrides):
 
 def experiment(data_dir, out, **overrides):
     hparams = load(data_dir, out, **overrides)
-
-    def prepare(h):
-        d = Path(h["data_folder"]) / h["language"]
-        return Manifests(str(d / "train.csv"), str(d / "valid.csv"), {"test": str(d / "test.csv")})
-
-    return build_experiment(hparams, {"device": "cpu"}, prepare, WhisperFamily)
+    return build_experiment(hparams, {"device": "cpu"}, prepare_synthetic, WhisperFamily)
 
 
 def noam(peak, warmup, step):
