@@ -86,7 +86,7 @@ def build_experiment(hparams, run_opts, prepare, family):
             for split, path in paths.items()}
     lo, hi = hparams["min_duration"], hparams["max_duration"]
     rows["train"] = {i: r for i, r in rows["train"].items() if lo <= r["duration"] <= hi}
-    setup.set_texts(rows)  # normalise once: targets and references
+    setup.set_texts(rows)  # references ("words") and targets, normalised as the family says
     vocab = setup.build_tokenizer(rows["train"])
     dropped = run_preflight(
         {split: list(split_rows.values()) for split, split_rows in rows.items()},
