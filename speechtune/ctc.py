@@ -74,14 +74,13 @@ class CTCFamily:
     def __init__(self, hparams):
         self.hparams = hparams
         self.normalize = get_normalizer(hparams["language"])
-        self.target_text = self.normalize  # what the model is trained to output
         self.tokenizer = None
 
     def set_texts(self, rows):
-        """Targets and references are the normalised transcript (``words``)."""
+        """Targets and references are the same normalised transcript."""
         for split_rows in rows.values():
             for row in split_rows.values():
-                row["words"] = self.normalize(row["wrd"])
+                row["words"] = row["target"] = self.normalize(row["wrd"])
 
     def build_tokenizer(self, train_rows):
         """Character vocabulary of the normalised training text (saved once, reloaded after)."""

@@ -150,16 +150,15 @@ def oov_characters(texts, vocab):
     return counter, (sum(counter.values()) / total if total else 0.0)
 
 
-def run_preflight(splits, normalize, vocab, label_check, mode="error",
+def run_preflight(splits, vocab, label_check, mode="error",
                   max_oov_rate=0.005, duration_tolerance=0.1, report_path=None):
     """Validate manifests before training; return ``{split: set of IDs to drop}``.
 
     Parameters
     ----------
     splits : dict
-        ``{split_name: rows}``: lists of manifest rows (``ID``, ``duration``, ``wav``, ``wrd``).
-    normalize : callable
-        Turns a row's ``wrd`` into the training target text (the recipe's normaliser).
+        ``{split_name: rows}``: lists of manifest rows (``ID``, ``duration``, ``wav``) with
+        ``target``, the text the model is trained to output (normalised once, by the family).
     vocab : set of str or None
         Characters the model can output (a CTC vocabulary without blank/unk); None for
         tokenizers that cover every character (Whisper's byte-level BPE): no OOV check.
@@ -188,7 +187,7 @@ def run_preflight(splits, normalize, vocab, label_check, mode="error",
             raise PreflightError(f"Split '{split}' is empty: check its manifest and the "
                                  "min/max duration filters.")
         report.problems += check_audio(split, rows, duration_tolerance)
-        texts = [normalize(row["wrd"]) for row in rows]
+        texts = [row["target"] for row in rows]
         for row, text in zip(rows, texts, strict=True):
             found = label_check(split, row, text)
             if found is not None:

@@ -90,7 +90,7 @@ def build_experiment(hparams, run_opts, prepare, family):
     vocab = setup.build_tokenizer(rows["train"])
     dropped = run_preflight(
         {split: list(split_rows.values()) for split, split_rows in rows.items()},
-        setup.target_text, vocab, setup.label_check(), mode=hparams["preflight"],
+        vocab, setup.label_check(), mode=hparams["preflight"],
         max_oov_rate=hparams["preflight_max_oov_rate"],
         report_path=Path(hparams["output_folder"]) / "preflight_report.tsv",
     )

@@ -32,7 +32,8 @@ def rows_for(tmp_path, texts, seconds=1.0, prefix="u"):
     rows = []
     for i, text in enumerate(texts):
         wav = make_wav(tmp_path / f"{prefix}{i}.wav", seconds)
-        rows.append({"ID": f"{prefix}{i}", "duration": str(seconds), "wav": wav, "wrd": text})
+        rows.append({"ID": f"{prefix}{i}", "duration": str(seconds), "wav": wav, "wrd": text,
+                     "target": NORM(text)})
     return rows
 
 
@@ -43,7 +44,7 @@ def clean_splits(tmp_path):
 
 
 def check(splits, **kw):
-    return run_preflight(splits, NORM, VOCAB, ctc_label_check(frames), **kw)
+    return run_preflight(splits, VOCAB, ctc_label_check(frames), **kw)
 
 
 def test_clean_data_passes(tmp_path):
@@ -92,7 +93,7 @@ def test_case_mismatch_with_uppercase_vocabulary_is_caught(tmp_path):
     splits = clean_splits(tmp_path)
     upper_vocab = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
     with pytest.raises(PreflightError, match=r"(?s)valid: .*not in the vocabulary.*Fix: normalise"):
-        run_preflight(splits, NORM, upper_vocab, ctc_label_check(frames))
+        run_preflight(splits, upper_vocab, ctc_label_check(frames))
 
 
 def test_a_few_oov_characters_below_threshold_pass(tmp_path):
@@ -139,7 +140,7 @@ def test_training_labels_are_checked_against_speed_perturbed_length(tmp_path):
     splits["train"] = rows_for(tmp_path, ["ab" * 22 + "c"], prefix="T")  # 45 labels, 50 frames
     assert check(splits)["train"] == set()
     with pytest.raises(PreflightError, match=r"(?s)too_many_labels.*train/T0"):
-        run_preflight(splits, NORM, VOCAB, ctc_label_check(frames, speed_factor=0.85))  # 42 frames
+        run_preflight(splits, VOCAB, ctc_label_check(frames, speed_factor=0.85))  # 42 frames
 
 
 def test_train_text_outside_a_reloaded_vocabulary_is_caught(tmp_path):
@@ -159,12 +160,12 @@ def test_audio_longer_than_the_whisper_window(tmp_path):
     splits = clean_splits(tmp_path)
     splits["train"] += rows_for(tmp_path, ["long one"], seconds=2.5, prefix="L")
     with pytest.raises(PreflightError, match=r"(?s)audio_too_long.*train/L0.*2\.50 s .*> 2 s"):
-        run_preflight(splits, NORM, None, seq2seq())
+        run_preflight(splits, None, seq2seq())
     # a test utterance past the window is scored (cut audio, full reference) and reported
     splits["train"].pop()
     splits["test"] = rows_for(tmp_path, ["the dog"], seconds=2.5, prefix="s")
     report = tmp_path / "report.tsv"
-    dropped = run_preflight(splits, NORM, None, seq2seq(), report_path=report)
+    dropped = run_preflight(splits, None, seq2seq(), report_path=report)
     assert dropped["test"] == set()
     assert "s0\taudio_cut\t2.50 s > 2 s window" in report.read_text()
 
@@ -172,8 +173,8 @@ def test_audio_longer_than_the_whisper_window(tmp_path):
 def test_whisper_training_checks_use_the_lengthening_speed(tmp_path):
     splits = clean_splits(tmp_path)
     splits["train"] = rows_for(tmp_path, ["fine"], seconds=1.9, prefix="T")
-    assert run_preflight(splits, NORM, None, seq2seq())["train"] == set()
-    dropped = run_preflight(splits, NORM, None, seq2seq(speed_factor=1.1), mode="skip")
+    assert run_preflight(splits, None, seq2seq())["train"] == set()
+    dropped = run_preflight(splits, None, seq2seq(speed_factor=1.1), mode="skip")
     assert dropped["train"] == {"T0"}  # 2.09 s after speed perturbation to 110%
 
 
@@ -181,4 +182,4 @@ def test_too_many_decoder_tokens_is_named(tmp_path):
     splits = clean_splits(tmp_path)
     splits["train"] += rows_for(tmp_path, ["word " * 30], prefix="L")
     with pytest.raises(PreflightError, match=r"(?s)too_many_tokens.*train/L0.*34 tokens > 20"):
-        run_preflight(splits, NORM, None, seq2seq())
+        run_preflight(splits, None, seq2seq())
