@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import soundfile as sf
+from speechbrain.dataio.dataio import merge_csvs as sb_merge_csvs
 
 from speechtune.recipe import Manifests
 
@@ -86,20 +87,17 @@ def _split_rows(data_folder, split):
 
 
 def merge_csvs(paths, out_path):
-    """Concatenate manifests with the same columns (several train or dev splits) into one."""
-    if Path(out_path).exists():  # named after its splits, so an existing file is this merge
+    """Concatenate manifests of one folder (several train or dev splits) into ``out_path``.
+
+    SpeechBrain's ``merge_csvs`` does the merge (and rejects differing headers); it is written
+    under a temporary name and renamed, so an interrupted merge never looks finished.
+    """
+    out_path = Path(out_path)
+    if out_path.exists():  # named after its splits, so an existing file is this merge
         return str(out_path)
-    rows, header = [], None
-    for path in paths:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = header or reader.fieldnames
-            rows += list(reader)
-    tmp = Path(f"{out_path}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
+    tmp = out_path.with_name(f"{out_path.name}.tmp")
+    sb_merge_csvs(out_path.parent, [Path(p).relative_to(out_path.parent) for p in paths],
+                  tmp.name)
     tmp.replace(out_path)
     return str(out_path)
 
