@@ -11,10 +11,12 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from speechbrain.integrations.huggingface.whisper import Whisper as SBWhisper
 from speechbrain.utils.distributed import run_on_main
 from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor
+from transformers.models.wavlm.modeling_wavlm import WavLMAttention
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +27,22 @@ class SSLEncoder(Wav2Vec2):
     """WavLM / wav2vec2 / HuBERT encoder (``AutoModel``) with HF config overrides from yaml.
 
     Arguments are those of SpeechBrain's ``Wav2Vec2`` plus ``config_overrides``, a dict applied to
-    the HF config before the weights load (e.g. ``layerdrop``, ``mask_time_prob``).
+    the HF config before the weights load (e.g. ``layerdrop``, ``mask_time_prob``), and
+    ``attention``: ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``) or ``eager``.
+    transformers runs WavLM's attention eagerly whatever the config says (its gated relative
+    position bias); ``sdpa`` swaps in ``SDPAWavLMAttention``, the same math through the fused
+    kernel. Other models get transformers' own implementation of the name.
     """
 
-    def __init__(self, source, save_path, config_overrides=None, **kwargs):
+    def __init__(self, source, save_path, config_overrides=None, attention="sdpa", **kwargs):
         object.__setattr__(self, "_config_overrides", dict(config_overrides or {}))
         super().__init__(source, save_path, **kwargs)
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(f"attention={attention!r}: use 'sdpa' or 'eager'")
+        if self.model.config.model_type == "wavlm":
+            use_wavlm_attention(self.model, attention)
+        else:
+            self.model.set_attn_implementation(attention)
 
     def override_config(self, config):
         """Apply ``config_overrides`` (unknown attribute names are an error)."""
@@ -48,6 +60,50 @@ class SSLEncoder(Wav2Vec2):
         """Number of encoder frames for ``num_samples`` input samples (the CNN's arithmetic)."""
         n = self.model._get_feat_extract_output_lengths(torch.tensor(num_samples))
         return int(n)
+
+
+class SDPAWavLMAttention(WavLMAttention):
+    """WavLM self-attention through ``scaled_dot_product_attention`` (same parameters and math).
+
+    transformers computes it with ``F.multi_head_attention_forward`` and full attention weights.
+    Here the gated relative-position bias (and ``-inf`` on padded keys) is the additive mask of
+    SDPA, which then runs its memory-efficient kernel on GPU. The ungated bias is computed once by
+    the first layer and handed on as ``(1, heads, T, T)`` instead of one copy per utterance.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None, index=0, **kwargs):
+        bsz, length, _ = hidden_states.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        if position_bias is None:
+            position_bias = self.compute_bias(length, length).unsqueeze(0)
+        per_head = hidden_states.view(bsz, length, heads, head_dim).transpose(1, 2)
+        proj = self.gru_rel_pos_linear(per_head).view(bsz, heads, length, 2, 4).sum(-1)
+        gate_a, gate_b = torch.sigmoid(proj).chunk(2, dim=-1)
+        gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0
+        bias = gate * position_bias  # (batch, heads, T, T)
+        if attention_mask is not None:
+            padded = attention_mask.ne(1)[:, None, None, :]
+            bias = bias.masked_fill(padded, float("-inf"))
+
+        def split(proj_layer):
+            return proj_layer(hidden_states).view(bsz, length, heads, head_dim).transpose(1, 2)
+
+        query, key, value = split(self.q_proj), split(self.k_proj), split(self.v_proj)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias.to(query.dtype),
+            dropout_p=self.dropout if self.training else 0.0)
+        out = self.out_proj(out.transpose(1, 2).reshape(bsz, length, heads * head_dim))
+        return out, None, position_bias
+
+
+def use_wavlm_attention(model, attention):
+    """Switch every WavLM attention layer of ``model`` to ``sdpa`` or ``eager`` (in place; the
+    parameters, and so checkpoints, are untouched)."""
+    cls = SDPAWavLMAttention if attention == "sdpa" else WavLMAttention
+    for module in model.modules():
+        if isinstance(module, WavLMAttention):
+            module.__class__ = cls
+    return model
 
 
 def build_tiny_encoder(path, model_type="wavlm", seed=0, **config):
