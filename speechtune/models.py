@@ -258,14 +258,18 @@ class Whisper(SBWhisper):
     def _get_mel(self, wav):
         return self.log_mel_spectrogram(self.pad_or_trim(wav, self._n_samples))
 
-    def forward(self, wav, decoder_input_ids, encoder_grad=True):
+    def forward(self, wav, decoder_input_ids, encoder_grad=True, encoded=None):
         """Log-mel -> encoder (without autograd unless ``encoder_grad``) -> decoder, no KV cache.
 
-        Training goes through ``forward`` (not ``forward_encoder``/``forward_decoder``) so that
-        under DDP the call passes the wrapper that synchronises gradients.
+        ``encoded``: the encoder's output for ``wav`` if already known (an encoder cache); the
+        encoder is then skipped. Training goes through ``forward`` (not ``forward_encoder``/
+        ``forward_decoder``) so that under DDP the call passes the wrapper that synchronises
+        gradients.
         """
-        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_grad and not self.freeze):
-            encoded = self.forward_encoder(self._get_mel(wav))
+        if encoded is None:
+            with torch.set_grad_enabled(
+                    torch.is_grad_enabled() and encoder_grad and not self.freeze):
+                encoded = self.forward_encoder(self._get_mel(wav))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
             logits, attn, _ = self.forward_decoder(encoded, decoder_input_ids, use_cache=False)
         return encoded, logits, attn

@@ -8,8 +8,12 @@ the family's recipe setup (prefix tokens, text normalisation, pre-flight window/
 Keys read here besides the shared ones: ``whisper`` (``speechtune.models.Whisper``),
 ``whisper_hub``, ``language``, ``augmenter`` (``null`` = none), ``speeds``, ``freeze_encoder``,
 ``whisper_opt_class``, ``whisper_lr_scheduler``, ``label_smoothing``, ``normalize_targets``,
-``valid_search``, ``test_search``, ``sample_rate``.
+``valid_search``, ``test_search``, ``sample_rate``, ``encoder_cache``.
 """
+
+import json
+import os
+from pathlib import Path
 
 import speechbrain as sb
 import torch
@@ -27,6 +31,7 @@ class WhisperBrain(FineTuneBrain):
     # one optimizer over every trainable parameter: a frozen encoder has no gradients, so
     # AdamW skips it until ``freeze_encoder_steps`` unfreezes it
     encoder_group = None
+    encoder_cache = None  # an ``EncoderCache`` when the yaml asks for one (set by the family)
 
     @property
     def encoder_frozen(self):
@@ -53,7 +58,16 @@ class WhisperBrain(FineTuneBrain):
         bos = bos.masked_fill(pad, self.tokenizer.pad_token_id)
 
         frozen = stage != sb.Stage.TRAIN or self.encoder_frozen
-        enc, logits, _ = self.modules.whisper(wavs, bos, encoder_grad=not frozen)
+        cached = None
+        if self.encoder_cache is not None:
+            # the decoder reads the encoder output through linear layers, which autocast casts
+            # to its dtype: keeping that dtype loses nothing
+            dtype = (torch.get_autocast_dtype(self.device_type)
+                     if torch.is_autocast_enabled(self.device_type) else torch.float32)
+            cached = self.encoder_cache.get(batch.id, dtype, self.device)
+        enc, logits, _ = self.modules.whisper(wavs, bos, encoder_grad=not frozen, encoded=cached)
+        if self.encoder_cache is not None and cached is None:
+            self.encoder_cache.put(batch.id, enc.detach().to(dtype))
         log_probs = logits.float().log_softmax(dim=-1)
         hyps = None
         if stage == sb.Stage.VALID:
@@ -79,6 +93,57 @@ class WhisperBrain(FineTuneBrain):
             self.wer_metric.append(batch.id, predicted, targets)
             self.cer_metric.append(batch.id, predicted, targets)
         return loss
+
+
+class EncoderCache:
+    """Outputs of a frozen Whisper encoder by utterance id, so that after the first epoch the
+    encoder no longer runs (valid it skips from the second validation on).
+
+    ``where``: ``memory`` (host RAM: about 2.3 MB per utterance for whisper-small in bf16, 3.1 MB
+    for medium) or a folder (one file per utterance, written atomically; DDP processes share it).
+    A folder records the model it was filled by and refuses another. Only valid while the encoder
+    output depends on nothing but the utterance: frozen encoder, no waveform augmentation (the
+    family checks both).
+    """
+
+    def __init__(self, where, model_id):
+        self.memory = {} if where == "memory" else None
+        self.folder = None if where == "memory" else Path(where)
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            stamp = self.folder / "model.json"
+            if stamp.exists() and json.loads(stamp.read_text()) != model_id:
+                raise ValueError(
+                    f"encoder_cache folder {self.folder} holds outputs of "
+                    f"{json.loads(stamp.read_text())}, not of {model_id}: delete it or pass "
+                    "another --encoder_cache folder.")
+            stamp.write_text(json.dumps(model_id))
+
+    def _path(self, utt_id, dtype):
+        return self.folder / str(dtype).removeprefix("torch.") / f"{utt_id}.pt"
+
+    def get(self, ids, dtype, device):
+        """The batch's cached outputs on ``device``, or None unless every utterance is cached."""
+        if self.memory is not None:
+            found = [self.memory.get((i, dtype)) for i in ids]
+        else:
+            paths = [self._path(i, dtype) for i in ids]
+            found = [torch.load(p) if p.exists() else None for p in paths]
+        if any(t is None for t in found):
+            return None
+        return torch.stack(found).to(device)
+
+    def put(self, ids, encoded):
+        """Store each utterance's output (a (frames, dim) tensor, on the CPU)."""
+        for utt_id, out in zip(ids, encoded.cpu(), strict=True):
+            if self.memory is not None:
+                self.memory[(utt_id, out.dtype)] = out.clone()
+                continue
+            path = self._path(utt_id, out.dtype)
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(out.clone(), tmp)
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
 def scoring_normalizer(language, tokenizer):
@@ -115,6 +180,7 @@ class WhisperFamily:
                 "pass --freeze_encoder=False --freeze_encoder_steps=N.")
         self.prefix = list(self.tokenizer.prefix_tokens)
         self._check_decode_lengths()
+        self.encoder_cache = self._encoder_cache()
         self.score_normalize = scoring_normalizer(language, self.tokenizer)
         normalize = get_normalizer(language)
         self.target_text = normalize if hparams["normalize_targets"] else (lambda text: text)
@@ -132,10 +198,26 @@ class WhisperFamily:
                     f"after the {len(self.prefix)}-token prefix, beyond the decoder's {positions} "
                     f"positions; use at most {(positions - len(self.prefix)) / frames:.3f}.")
 
+    def _encoder_cache(self):
+        """``encoder_cache``: null (off), ``memory`` or a folder; refused where an utterance's
+        encoder output changes between epochs."""
+        where = self.hparams["encoder_cache"]
+        if where is None:
+            return None
+        if not self.hparams["freeze_encoder"] or self.hparams["augmenter"] is not None:
+            raise ValueError(
+                f"encoder_cache={where} needs the same encoder output for an utterance in every "
+                "epoch: pass --freeze_encoder=True and --augmenter=null (waveform augmentation "
+                "changes the input), or --encoder_cache=null.")
+        model_id = {"whisper_hub": str(self.hparams["whisper_hub"]),
+                    "window_seconds": self.whisper.window_seconds}
+        return EncoderCache(where, model_id)
+
     def configure(self, brain):
-        """Give the Brain what it decodes and scores with."""
+        """Give the Brain what it decodes and scores with (and the encoder cache, if any)."""
         brain.tokenizer = self.tokenizer
         brain.score_normalize = self.score_normalize
+        brain.encoder_cache = self.encoder_cache
 
     def set_texts(self, rows):
         """``words``: the scoring reference; ``target``: what the decoder learns to write."""

@@ -177,3 +177,48 @@ def test_misconfigurations_are_refused(synthetic_subset, tmp_path):
     hp["test_search"].max_decode_ratio = 0.5  # 100 tokens after the prefix > 64 positions
     with pytest.raises(ValueError, match="test_search: max_decode_ratio=0.5"):
         WhisperFamily(hp)
+
+
+@pytest.mark.parametrize("where", ["memory", "folder"])
+def test_encoder_cache_gives_the_loss_of_recomputing_and_skips_the_encoder(
+        synthetic_subset, tmp_path, where):
+    def losses(brain, batches):
+        with torch.no_grad():
+            return [brain.compute_objectives(brain.compute_forward(b, sb.Stage.TRAIN), b,
+                                             sb.Stage.TRAIN) for b in batches]
+
+    plain = experiment(synthetic_subset, tmp_path / "plain", freeze_encoder=True)
+    batches = list(plain.brain.make_dataloader(plain.train, sb.Stage.TRAIN, batch_size=4))[:3]
+    plain.brain.modules.eval()  # no dropout: both runs compute the same thing
+    reference = losses(plain.brain, batches)
+
+    cache_at = "memory" if where == "memory" else str(tmp_path / "cache")
+    exp = experiment(synthetic_subset, tmp_path / "cached", freeze_encoder=True,
+                     encoder_cache=cache_at)
+    brain = exp.brain
+    brain.modules.whisper.model.load_state_dict(plain.brain.modules.whisper.model.state_dict())
+    brain.modules.eval()
+    calls, orig = [], brain.modules.whisper.forward_encoder
+    brain.modules.whisper.forward_encoder = lambda mel: calls.append(1) or orig(mel)
+    first = losses(brain, batches)  # fills the cache
+    assert len(calls) == 3
+    second = losses(brain, batches)  # reads it
+    assert len(calls) == 3, "the encoder ran although its outputs were cached"
+    for ref, a, b in zip(reference, first, second, strict=True):
+        assert torch.equal(ref, a) and torch.equal(ref, b)
+    if where == "folder":
+        assert len(list((tmp_path / "cache" / "float32").glob("*.pt"))) == sum(
+            len(b.id) for b in batches)
+        with pytest.raises(ValueError, match="holds outputs of"):
+            experiment(synthetic_subset, tmp_path / "other", freeze_encoder=True,
+                       encoder_cache=cache_at, tiny_whisper=dict(MICRO_WHISPER, d_model=48))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"freeze_encoder": False},
+    {"freeze_encoder": True, "augmenter": "!ref <augmentation[augmenter]>"},
+])
+def test_encoder_cache_refused_when_encoder_outputs_change(synthetic_subset, tmp_path, overrides):
+    with pytest.raises(ValueError, match="encoder_cache=memory needs the same encoder output"):
+        WhisperFamily(load(synthetic_subset, tmp_path / "run", encoder_cache="memory",
+                           **overrides))
