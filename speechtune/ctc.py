@@ -5,7 +5,7 @@ The shared loop (optimizers, LR schedules, freezing, validation, checkpoints) is
 setup (character vocabulary, pre-flight frame check, data pipelines). Keys read here besides the
 shared ones: ``encoder``, ``head`` (modules); ``augmenter`` (``null`` = no augmentation);
 ``encoder_opt_class``, ``head_opt_class``, ``encoder_lr_scheduler``, ``head_lr_scheduler``;
-``blank_index``; ``speeds``.
+``blank_index``; ``speeds``; the decoding keys of ``speechtune.lm``.
 """
 
 import contextlib
@@ -17,18 +17,29 @@ from speechbrain.utils.distributed import run_on_main
 
 from speechtune import data
 from speechtune.brain import FineTuneBrain
+from speechtune.lm import GreedyDecoder, build_test_decoder, check_decoding
 from speechtune.preflight import ctc_label_check
 from speechtune.text import get_normalizer
 
 
 class CTCBrain(FineTuneBrain):
-    """Fine-tune an SSL encoder with a CTC head; greedy CTC decoding for WER/CER."""
+    """Fine-tune an SSL encoder with a CTC head; WER/CER of greedy CTC decoding in validation and
+    of the yaml's ``decoding`` (greedy, beam, beam + n-gram LM) in test."""
+
+    valid_decoder = None  # set by the family's recipe setup
+    test_decoder = None  # built when testing starts: an LM is loaded only then
 
     def parameter_groups(self):
         """The encoder (its trainable part: a frozen CNN is left out) and the head, each with its
         own optimizer and LR."""
         return {"encoder": self.modules.encoder.parameters(),
                 "head": self.modules.head.parameters()}
+
+    def on_stage_start(self, stage, epoch=None):
+        """Also build the test decoder the yaml's decoding keys ask for, once, when testing."""
+        super().on_stage_start(stage, epoch)
+        if stage == sb.Stage.TEST and self.test_decoder is None:
+            self.test_decoder = build_test_decoder(vars(self.hparams), self.tokenizer)
 
     # ------------------------------------------------------------------ forward / loss
     def compute_forward(self, batch, stage):
@@ -44,8 +55,8 @@ class CTCBrain(FineTuneBrain):
         log_probs = logits.float().log_softmax(dim=-1)
         hyps = None
         if stage != sb.Stage.TRAIN:
-            hyps = sb.decoders.ctc_greedy_decode(log_probs, wav_lens,
-                                                 blank_id=self.hparams.blank_index)
+            decoder = self.test_decoder if stage == sb.Stage.TEST else self.valid_decoder
+            hyps = decoder(log_probs, wav_lens)
         return log_probs, wav_lens, hyps
 
     def compute_objectives(self, predictions, batch, stage):
@@ -59,10 +70,9 @@ class CTCBrain(FineTuneBrain):
             loss = sb.nnet.losses.ctc_loss(log_probs.float(), tokens, wav_lens, token_lens,
                                            self.hparams.blank_index)
         if stage != sb.Stage.TRAIN:
-            predicted = ["".join(chars).split() for chars in self.tokenizer.decode_ndim(hyps)]
             targets = [words.split() for words in batch.words]
-            self.wer_metric.append(batch.id, predicted, targets)
-            self.cer_metric.append(batch.id, predicted, targets)
+            self.wer_metric.append(batch.id, hyps, targets)
+            self.cer_metric.append(batch.id, hyps, targets)
         return loss
 
 
@@ -98,8 +108,11 @@ class CTCFamily:
         return ctc_label_check(lambda s: encoder.output_frames(int(s * rate)), shrink)
 
     def configure(self, brain):
-        """Give the Brain the vocabulary it decodes with."""
+        """Give the Brain the vocabulary and its validation decoder (greedy: cheap); check the
+        test decoding keys now rather than after training."""
         brain.tokenizer = self.tokenizer
+        brain.valid_decoder = GreedyDecoder(self.tokenizer, self.hparams["blank_index"])
+        check_decoding(self.hparams)
 
     def add_pipelines(self, datasets):
         """``sig`` and ``tokens`` (character ids of the normalised ``words``)."""

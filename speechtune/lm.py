@@ -1,0 +1,307 @@
+"""CTC decoding at test time (greedy, beam, beam + n-gram LM) and LM weight tuning on valid.
+
+Decoding is SpeechBrain's (``ctc_greedy_decode``; the yaml's ``ctc_searcher``, a
+``speechbrain.decoders.ctc.CTCBeamSearcher`` or ``CTCPrefixBeamSearcher``, which scores words
+with KenLM through ``kenlm_model_path``); this module chooses and configures it from the yaml's
+decoding keys and grid-searches the LM weight ``alpha`` and word bonus ``beta`` on the validation
+set of a finished run.
+
+Keys read (all required): ``decoding`` (``greedy | beam | beam_lm``: test only, validation is
+always greedy), ``ctc_searcher``, ``lm_path``, ``lm_weights`` (``tuned``: the file
+``tune_lm.py`` writes, ``<output_folder>/lm_tuning/lm_weights.yaml``; ``fixed``: ``lm_alpha``,
+``lm_beta``), ``lm_missing`` (``error | fallback``: what ``beam_lm`` does without the ``kenlm``
+module), ``lm_alpha_grid``, ``lm_beta_grid``, ``blank_index``, ``wer_computer``.
+"""
+
+import csv
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import speechbrain as sb
+import torch
+import yaml
+from hyperpyyaml import load_hyperpyyaml
+
+logger = logging.getLogger(__name__)
+
+DECODINGS = ("greedy", "beam", "beam_lm")
+LM_WEIGHTS = ("tuned", "fixed")
+LM_MISSING = ("error", "fallback")
+SPACE = " "  # the word separator of the character vocabulary
+
+
+def _choice(hparams, key, allowed):
+    value = hparams[key]
+    if value not in allowed:
+        raise ValueError(f"{key}: {value!r} is not one of {' | '.join(allowed)} (see the yaml's "
+                         "decoding section)")
+    return value
+
+
+def import_kenlm():
+    """Import what SpeechBrain's LM scorer needs (``kenlm``, ``pygtrie``) or say how to install."""
+    try:
+        import kenlm  # noqa: F401
+        import pygtrie  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"n-gram LM decoding needs the Python module '{err.name}', which is not installed: "
+            "pip install -e '.[lm]' (or: pip install kenlm pygtrie; kenlm compiles with g++)."
+        ) from err
+
+
+def tuned_weights_path(hparams) -> Path:
+    """Where ``tune_lm.py`` writes the best ``alpha``/``beta`` of a run."""
+    return Path(hparams["output_folder"]) / "lm_tuning" / "lm_weights.yaml"
+
+
+def lm_file(hparams) -> Path:
+    """The LM KenLM loads (``lm_path``: an ARPA file or a KenLM binary), checked to exist."""
+    if hparams["lm_path"] is None:
+        raise ValueError("LM decoding needs --lm_path=<ARPA or KenLM binary>; build one with "
+                         "local/build_lm.py")
+    path = Path(hparams["lm_path"])
+    if not path.is_file():
+        raise FileNotFoundError(f"lm_path {path} does not exist; build it with local/build_lm.py")
+    return path
+
+
+def lm_unigrams(path: Path):
+    """The LM's words, which the beam search needs to score partial words: SpeechBrain reads them
+    from an ARPA file itself (None); a binary does not list them, so the ARPA file that
+    ``local/build_lm.py`` writes beside it (same stem) is read."""
+    if path.suffix == ".arpa":
+        return None
+    arpa = path.with_suffix(".arpa")
+    if not arpa.is_file():
+        raise FileNotFoundError(f"{path} is a KenLM binary, which does not list its words; the "
+                                f"beam search reads them from {arpa}, which is missing. Pass the "
+                                "ARPA file as --lm_path, or put it beside the binary.")
+    from speechbrain.integrations.decoders.kenlm_scorer import load_unigram_set_from_arpa
+
+    return sorted(load_unigram_set_from_arpa(str(arpa)))
+
+
+def lm_weights(hparams) -> tuple[float, float]:
+    """``(alpha, beta)``: the yaml's ``lm_alpha``/``lm_beta`` (``lm_weights: fixed``) or those
+    ``tune_lm.py`` found for this run and this LM (``lm_weights: tuned``)."""
+    if _choice(hparams, "lm_weights", LM_WEIGHTS) == "fixed":
+        return float(hparams["lm_alpha"]), float(hparams["lm_beta"])
+    path = tuned_weights_path(hparams)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"lm_weights: tuned reads {path}, which tune_lm.py writes from a finished run: train "
+            "first (test decoding greedy), run `python tune_lm.py <same yaml and overrides> "
+            "--lm_path=...`, then rerun this command; or pass --lm_weights=fixed "
+            "--lm_alpha=A --lm_beta=B.")
+    tuned = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if Path(tuned["lm_path"]).resolve() != lm_file(hparams).resolve():
+        raise ValueError(f"{path} was tuned for the LM {tuned['lm_path']}, not for lm_path "
+                         f"{hparams['lm_path']}: run tune_lm.py again with this LM.")
+    return float(tuned["alpha"]), float(tuned["beta"])
+
+
+def check_decoding(hparams) -> str:
+    """Validate the decoding keys at start-up (before any training) and return the test
+    decoding that will run: ``beam_lm`` falls back to ``beam`` without ``kenlm`` only when
+    ``lm_missing: fallback``."""
+    mode = _choice(hparams, "decoding", DECODINGS)
+    _choice(hparams, "lm_missing", LM_MISSING)
+    _choice(hparams, "lm_weights", LM_WEIGHTS)
+    if mode != "beam_lm":
+        return mode
+    lm_unigrams(lm_file(hparams))
+    try:
+        import_kenlm()
+    except ImportError as err:
+        if hparams["lm_missing"] == "error":
+            raise ImportError(f"{err} Or test without the LM: --decoding=beam, or "
+                              "--lm_missing=fallback to fall back to it.") from err
+        logger.warning("%s lm_missing: fallback, so the test set is decoded by beam search "
+                       "WITHOUT the language model.", err)
+        return "beam"
+    lm_weights(hparams)
+    return mode
+
+
+def vocab_list(tokenizer) -> list[str]:
+    """The CTC output labels in index order (what SpeechBrain's CTC searchers take)."""
+    return [tokenizer.ind2lab[i] for i in range(len(tokenizer.ind2lab))]
+
+
+def make_searcher(hparams, tokenizer, mode, alpha=None, beta=None):
+    """The yaml's ``ctc_searcher`` over the vocabulary; with the LM for ``mode == "beam_lm"``."""
+    kwargs = {"blank_index": hparams["blank_index"], "vocab_list": vocab_list(tokenizer),
+              "space_token": SPACE}
+    if mode == "beam_lm":
+        path = lm_file(hparams)
+        kwargs.update(kenlm_model_path=str(path), unigrams=lm_unigrams(path), alpha=alpha,
+                      beta=beta)
+    return hparams["ctc_searcher"](**kwargs)
+
+
+def set_lm_weights(searcher, alpha, beta):
+    """Change ``alpha``/``beta`` of a searcher whose LM is loaded (reloading it costs minutes
+    for a large LM); both live on SpeechBrain's ``KenlmScorer``."""
+    searcher.alpha = searcher.lm.alpha = alpha
+    searcher.beta = searcher.lm.beta = beta
+
+
+class GreedyDecoder:
+    """Greedy CTC decoding (SpeechBrain's ``ctc_greedy_decode``) to word lists."""
+
+    def __init__(self, tokenizer, blank_index):
+        self.tokenizer, self.blank_index = tokenizer, blank_index
+
+    def __call__(self, log_probs, wav_lens):
+        ids = sb.decoders.ctc_greedy_decode(log_probs, wav_lens, blank_id=self.blank_index)
+        return ["".join(chars).split() for chars in self.tokenizer.decode_ndim(ids)]
+
+
+class SearchDecoder:
+    """A SpeechBrain CTC searcher's best hypothesis, as word lists."""
+
+    def __init__(self, searcher):
+        self.searcher = searcher
+
+    def __call__(self, log_probs, wav_lens):
+        return [hyps[0].text.split() for hyps in self.searcher(log_probs, wav_lens)]
+
+
+def build_test_decoder(hparams, tokenizer):
+    """The test-time decoder the yaml's ``decoding`` asks for (after ``check_decoding``)."""
+    mode = check_decoding(hparams)
+    if mode == "greedy":
+        return GreedyDecoder(tokenizer, hparams["blank_index"])
+    alpha, beta = lm_weights(hparams) if mode == "beam_lm" else (None, None)
+    return SearchDecoder(make_searcher(hparams, tokenizer, mode, alpha, beta))
+
+
+# ---------------------------------------------------------------------- tuning on valid
+@dataclass
+class Utterance:
+    """One utterance's CTC log-probs (frames x labels, padding cut) and reference words."""
+
+    id: str
+    log_probs: torch.Tensor
+    words: list
+
+
+def collect_log_probs(brain, dataset, loader_kwargs) -> list[Utterance]:
+    """One forward pass over ``dataset`` with the Brain's current weights (eval mode, the
+    evaluation precision); the log-probs are kept so every decoder reuses them."""
+    loader = brain.make_dataloader(dataset, stage=sb.Stage.VALID, ckpt_prefix=None,
+                                   **loader_kwargs)
+    brain.modules.eval()
+    utterances = []
+    with torch.no_grad(), brain.evaluation_ctx:
+        for batch in loader:
+            log_probs, wav_lens, _ = brain.compute_forward(batch, sb.Stage.VALID)
+            frames = (wav_lens * log_probs.shape[1]).round().int().tolist()
+            for utt_id, lp, n, words in zip(batch.id, log_probs.float().cpu(), frames,
+                                            batch.words, strict=True):
+                utterances.append(Utterance(utt_id, lp[:n], words.split()))
+    return utterances
+
+
+def decode_and_score(decoder, utterances, wer_computer):
+    """Decode every utterance (one at a time: no padding) -> ``(WER %, utterances/second)``."""
+    metric = wer_computer()
+    start = time.perf_counter()
+    hyps = [decoder(u.log_probs.unsqueeze(0), torch.ones(1))[0] for u in utterances]
+    seconds = time.perf_counter() - start
+    metric.append([u.id for u in utterances], hyps, [u.words for u in utterances])
+    return metric.summarize("error_rate"), len(utterances) / seconds
+
+
+def grid_search(searcher, utterances, alphas, betas, wer_computer) -> list[dict]:
+    """Valid WER of every ``(alpha, beta)`` with one loaded LM, in grid order."""
+    rows = []
+    decoder = SearchDecoder(searcher)
+    for alpha in alphas:
+        for beta in betas:
+            set_lm_weights(searcher, alpha, beta)
+            wer, speed = decode_and_score(decoder, utterances, wer_computer)
+            rows.append({"alpha": alpha, "beta": beta, "WER": wer, "utt_per_s": speed})
+            logger.info("alpha %.3g  beta %.3g  valid WER %.2f%%", alpha, beta, wer)
+    return rows
+
+
+def best_row(rows):
+    """Lowest WER; ties go to the smaller ``alpha`` then ``beta`` (the earlier grid point)."""
+    return min(rows, key=lambda r: (r["WER"], r["alpha"], r["beta"]))
+
+
+def write_tuning(folder, rows, best, meta):
+    """``grid.csv``, ``grid.md`` (WER: alpha rows x beta columns) and ``lm_weights.yaml``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "grid.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    betas = sorted({r["beta"] for r in rows})
+    wer = {(r["alpha"], r["beta"]): r["WER"] for r in rows}
+    lines = [f"Valid WER (%) by LM weight alpha (rows) and word bonus beta (columns); LM "
+             f"{meta['lm_path']}, checkpoint {meta['checkpoint']}; greedy: "
+             f"{meta['greedy_WER']:.2f}%.", "",
+             "| alpha \\ beta | " + " | ".join(f"{b:g}" for b in betas) + " |",
+             "|---" * (len(betas) + 1) + "|"]
+    for alpha in sorted({r["alpha"] for r in rows}):
+        cells = [f"**{wer[alpha, b]:.2f}**" if (alpha, b) == (best["alpha"], best["beta"])
+                 else f"{wer[alpha, b]:.2f}" for b in betas]
+        lines.append(f"| {alpha:g} | " + " | ".join(cells) + " |")
+    (folder / "grid.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    weights = {"alpha": float(best["alpha"]), "beta": float(best["beta"]),
+               "valid_WER": float(best["WER"]), **meta}
+    (folder / "lm_weights.yaml").write_text(yaml.safe_dump(weights, sort_keys=False),
+                                            encoding="utf-8")
+
+
+def load_finished_run(argv, prepare):
+    """``hparams.yaml [--key=value ...]`` of a finished CTC run (same yaml and overrides as its
+    training) -> ``(hparams, experiment, checkpoint)`` with the best-WER checkpoint loaded. The
+    test decoding keys are not applied (the caller decodes), so ``lm_weights: tuned`` may be
+    passed before the weights exist."""
+    from speechtune.ctc import CTCFamily
+    from speechtune.recipe import build_experiment
+
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with open(hparams_file, encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, overrides)
+    experiment = build_experiment({**hparams, "decoding": "greedy"}, run_opts, prepare,
+                                  CTCFamily)
+    checkpointer = experiment.brain.checkpointer
+    ckpt = checkpointer.find_checkpoint(min_key="WER")
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {hparams['save_folder']}: train first "
+                                "(python train.py with the same yaml and overrides)")
+    checkpointer.load_checkpoint(ckpt)
+    return hparams, experiment, ckpt
+
+
+def tune(argv, prepare):
+    """``tune_lm.py hparams.yaml [--key=value ...]``: from the best-WER checkpoint of a finished
+    run, compute the valid log-probs once, decode them with the LM (``lm_path``) for every
+    ``lm_alpha_grid`` x ``lm_beta_grid`` point and write ``<output_folder>/lm_tuning/`` (read
+    back by ``decoding: beam_lm`` + ``lm_weights: tuned``). Returns the best grid row."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import_kenlm()
+    hparams, experiment, ckpt = load_finished_run(argv, prepare)
+    path, brain = lm_file(hparams), experiment.brain
+    utterances = collect_log_probs(brain, experiment.valid, experiment.loader_kwargs["valid"])
+    greedy = GreedyDecoder(brain.tokenizer, hparams["blank_index"])
+    greedy_wer, _ = decode_and_score(greedy, utterances, hparams["wer_computer"])
+    searcher = make_searcher(hparams, brain.tokenizer, "beam_lm", 0.0, 0.0)
+    rows = grid_search(searcher, utterances, hparams["lm_alpha_grid"], hparams["lm_beta_grid"],
+                       hparams["wer_computer"])
+    best = best_row(rows)
+    folder = tuned_weights_path(hparams).parent
+    write_tuning(folder, rows, best, {"lm_path": str(path.resolve()), "checkpoint": ckpt.path.name,
+                                      "greedy_WER": float(greedy_wer)})
+    print(f"[speechtune] best valid WER {best['WER']:.2f}% (greedy {greedy_wer:.2f}%) at "
+          f"alpha={best['alpha']:g} beta={best['beta']:g}; table in {folder}/grid.md. Test with "
+          f"them: rerun the training command with --decoding=beam_lm --lm_path={path}")
+    return best
