@@ -1,0 +1,486 @@
+"""Training throughput of a recipe's real step, beside a plain Hugging Face loop on the same data.
+
+For one model (``--model``) this builds a random-init model of real size from its config (no
+download), loads the recipe's yaml with the benchmark's overrides, and builds the experiment the way
+``train.py`` does (pre-flight, datasets, data loader, Brain). Then, for each ``--variants`` entry:
+
+- ``hf``: a plain transformers step (``AutoModelForCTC`` / ``WhisperForConditionalGeneration``,
+  autocast, AdamW, gradient clipping) over the same batches, taken from the recipe's loader
+  beforehand (so the HF loop never waits for data: the ratio does not flatter the recipe);
+- ``recipe`` variants: the recipe's own ``Brain.fit_batch`` fed by its live data loader, with
+  the variant's overrides (``eager`` / ``sdpa`` WavLM attention, ``compile``, ``cache`` for the
+  Whisper encoder cache: one pass fills it, the timed pass reads it).
+
+Each result is one JSON line (``<out>/results.jsonl``, appended) and a row of ``<out>/results.md``:
+speech seconds trained per second (padding is not counted), the ratio to the ``hf`` row, TFLOP/s
+and MFU (FLOPs of one step counted by ``torch.utils.flop_counter`` on the first batch, scaled to
+each timed batch by its padded size), peak GPU memory, the batches' padding fraction, and the data
+loader's own throughput (its workers iterating the same sampler without the model).
+
+Data: ``bundled`` (the Synthetic corpus, 1.5-3.5 s utterances) or ``librispeech-like`` (bundled
+utterances joined into utterances whose durations follow LibriSpeech train-clean-100's mean of
+12.7 s, spread 3.5 s, 1-24.5 s; written once as FLAC in ``--workdir``).
+
+Run (GPU):  python tools/benchmark.py --model wavlm-large --variants hf,eager,sdpa,sdpa+compile
+Run (CPU):  python tools/benchmark.py --model wavlm-tiny --data bundled --steps 10
+"""
+
+import argparse
+import contextlib
+import csv
+import gc
+import itertools
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from speechtune.ctc import CTCFamily
+from speechtune.models import build_tiny_encoder, build_tiny_whisper
+from speechtune.recipe import Manifests, build_experiment
+from speechtune.whisper import WhisperFamily
+
+REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC = REPO / "recipes" / "Synthetic" / "data"
+logger = logging.getLogger("benchmark")
+
+_SSL_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+              "intermediate_size": 4096, "conv_dim": [512] * 7,
+              "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+              "feat_extract_norm": "layer", "do_stable_layer_norm": True,
+              "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16}
+# name -> (family, recipe yaml, model config); real sizes are those of the hub models' configs
+MODELS = {
+    "wavlm-large": ("ctc", "LibriSpeech/CTC/hparams/wavlm_large.yaml",
+                    {"model_type": "wavlm", "conv_bias": False, **_SSL_LARGE}),
+    "wav2vec2-large": ("ctc", "LibriSpeech/CTC/hparams/wavlm_large.yaml",
+                       {"model_type": "wav2vec2", "conv_bias": True, **_SSL_LARGE}),
+    "whisper-small": ("whisper", "LibriSpeech/Whisper/hparams/whisper_small_en.yaml",
+                      {"multilingual": False, "d_model": 768, "encoder_layers": 12,
+                       "decoder_layers": 12, "encoder_attention_heads": 12,
+                       "decoder_attention_heads": 12, "encoder_ffn_dim": 3072,
+                       "decoder_ffn_dim": 3072, "num_mel_bins": 80}),
+    "whisper-medium": ("whisper", "LibriSpeech/Whisper/hparams/whisper_medium_en.yaml",
+                       {"multilingual": False, "d_model": 1024, "encoder_layers": 24,
+                        "decoder_layers": 24, "encoder_attention_heads": 16,
+                        "decoder_attention_heads": 16, "encoder_ffn_dim": 4096,
+                        "decoder_ffn_dim": 4096, "num_mel_bins": 80}),
+    "whisper-large-v3": ("whisper", "LibriSpeech/Whisper/hparams/whisper_medium_en.yaml",
+                         {"multilingual": True, "d_model": 1280, "encoder_layers": 32,
+                          "decoder_layers": 32, "encoder_attention_heads": 20,
+                          "decoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+                          "decoder_ffn_dim": 5120, "num_mel_bins": 128}),
+    # CPU baselines: the bundled recipes' own tiny models
+    "wavlm-tiny": ("ctc", "Synthetic/CTC/hparams/wavlm_tiny.yaml", None),
+    "whisper-tiny": ("whisper", "Synthetic/Whisper/hparams/whisper_tiny.yaml", None),
+}
+# variant -> (yaml overrides, run_opts)
+VARIANTS = {
+    "eager": ({"attention": "eager"}, {}),
+    "sdpa": ({"attention": "sdpa"}, {}),
+    "sdpa+compile": ({"attention": "sdpa"}, {"compile": True}),
+    "recipe": ({}, {}),
+    "recipe+compile": ({}, {"compile": True}),
+    "cache": ({"encoder_cache": "memory"}, {}),
+}
+# dense bf16 peak (no sparsity) by device name, for MFU
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+              ("L40S", 362e12), ("A10", 125e12)]
+LIBRISPEECH_LIKE = {"mean": 12.7, "sd": 3.5, "low": 1.0, "high": 24.5}
+
+
+# ---------------------------------------------------------------------------- data
+def librispeech_like_corpus(folder, n, seed=0):
+    """Join bundled English utterances (audio and transcripts) into ``n`` utterances with
+    LibriSpeech-like durations; returns the manifest (written once, reused after)."""
+    folder = Path(folder)
+    manifest = folder / f"train_{n}_{seed}.csv"
+    if manifest.exists():
+        return manifest
+    (folder / "wav").mkdir(parents=True, exist_ok=True)
+    with open(SYNTHETIC / "en" / "train.csv", newline="", encoding="utf-8") as f:
+        pieces = list(csv.DictReader(f))
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        target = min(max(rng.gauss(LIBRISPEECH_LIKE["mean"], LIBRISPEECH_LIKE["sd"]),
+                         LIBRISPEECH_LIKE["low"]), LIBRISPEECH_LIKE["high"])
+        audio, words, total = [], [], 0.0
+        while total < target:
+            piece = rng.choice(pieces)
+            wav, rate = sf.read(piece["wav"].replace("$data_root", str(SYNTHETIC)),
+                                dtype="float32")
+            audio.append(wav)
+            words.append(piece["wrd"])
+            total += len(wav) / rate
+        path = folder / "wav" / f"ls_like_{seed}_{i:05d}.flac"
+        sf.write(path, np.concatenate(audio), rate)
+        rows.append({"ID": f"ls_like_{seed}_{i:05d}", "duration": f"{total:.3f}",
+                     "wav": str(path), "spk_id": "synthetic", "wrd": " ".join(words)})
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def prepare_fixed(train, valid):
+    """A ``prepare`` function for ``build_experiment`` that returns fixed manifests."""
+    return lambda hparams: Manifests(train=str(train), valid=str(valid), tests={})
+
+
+# ---------------------------------------------------------------------------- models
+def build_model(name, family, config, folder, texts):
+    """A random-init model of real size in HF format (built once per ``folder``)."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return str(folder)
+    config = dict(config)
+    if family == "ctc":
+        return build_tiny_encoder(folder, config.pop("model_type"), **config)
+    return build_tiny_whisper(folder, texts, bpe_vocab_size=2000, **config)
+
+
+def experiment_for(args, family, yaml_path, overrides, run_opts, out):
+    """Load the recipe yaml with ``overrides`` and build its experiment like ``train.py``."""
+    with open(REPO / "recipes" / yaml_path, encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, {"output_folder": str(out), **overrides})
+    Path(out).mkdir(parents=True, exist_ok=True)
+    fam = CTCFamily if family == "ctc" else WhisperFamily
+    return build_experiment(hparams, {"device": args.device, **run_opts},
+                            prepare_fixed(args.train_manifest, args.valid_manifest), fam)
+
+
+def base_overrides(args, family, model_dir):
+    """What every variant sets: data, model, precision, one batch per optimizer step, batch
+    size, augmentation on/off, no layer drop (its random skips make step times incomparable)."""
+    gpu = args.device.startswith("cuda")
+    o = {"data_folder": str(SYNTHETIC), "number_of_epochs": 1, "grad_accumulation_factor": 1,
+         "precision": "bf16" if gpu else "fp32", "num_workers": args.num_workers,
+         "preflight": "skip", "min_duration": 0.0, "max_duration": 30.0}
+    if not args.augment:
+        o["augmenter"] = None
+    if family == "ctc":
+        o["freeze_encoder_steps"] = 0
+        if args.batch_seconds is not None:
+            o["max_batch_seconds"] = args.batch_seconds
+        if model_dir is not None:
+            o.update({"encoder_hub": str(model_dir), "build_tiny_encoder": False,
+                      "encoder_config_overrides": {"layerdrop": 0.0, "mask_time_prob": 0.05,
+                                                   "mask_time_length": 10}})
+    else:  # the frozen-encoder setting of the LibriSpeech recipes (and of the cache)
+        o.update({"max_duration": 28.0, "freeze_encoder": True, "freeze_encoder_steps": 0})
+        if args.batch_size is not None:
+            o.update({"batch_size": args.batch_size, "dynamic_batching": False})
+        if model_dir is not None:
+            o["whisper_hub"] = str(model_dir)
+    if args.num_workers is None:
+        del o["num_workers"]
+    return o
+
+
+# ---------------------------------------------------------------------------- measuring
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def speech_seconds(batch):
+    return float(sum(batch.duration))
+
+
+def padding_fraction(batch):
+    """Share of the batch's samples that are padding (SpeechBrain relative lengths)."""
+    return 1.0 - float(batch.sig[1].mean())
+
+
+def padded_size(batch, family):
+    """What a step's FLOPs scale with: padded samples (CTC) or windows (Whisper: each utterance
+    fills the same encoder window)."""
+    return batch.sig[0].numel() if family == "ctc" else batch.sig[0].shape[0]
+
+
+def count_flops(step, batch):
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    return counter.get_total_flops()
+
+
+def timed(step, batches, warmup, device):
+    """Run ``step`` over ``batches``; seconds spent on the batches after ``warmup``, and on the
+    warmup ones (compilation shows there)."""
+    sync(device)
+    start = time.perf_counter()
+    warm_end = start
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            sync(device)
+            warm_end = time.perf_counter()
+        step(batch)
+    sync(device)
+    return time.perf_counter() - warm_end, warm_end - start
+
+
+def hf_step_fn(exp, family, model_dir, args):
+    """A plain transformers training step on a recipe batch (same model weights, same inputs)."""
+    from transformers import AutoModelForCTC, WhisperForConditionalGeneration
+
+    device, gpu = args.device, args.device.startswith("cuda")
+    hp = exp.brain.hparams
+    if family == "ctc":
+        vocab = len(exp.brain.tokenizer.lab2ind)
+        model = AutoModelForCTC.from_pretrained(
+            model_dir, vocab_size=vocab, pad_token_id=hp.blank_index, ctc_loss_reduction="mean",
+            **dict(getattr(hp, "encoder_config_overrides", None) or {"layerdrop": 0.0}))
+        if hp.freeze_cnn:
+            model.freeze_feature_encoder()
+    else:
+        model = WhisperForConditionalGeneration.from_pretrained(model_dir)
+        if hp.freeze_encoder:
+            model.model.encoder.requires_grad_(False)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=gpu)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
+    whisper = exp.brain.modules.whisper if family == "whisper" else None
+    pad_id = exp.brain.tokenizer.pad_token_id if family == "whisper" else None
+
+    def inputs(batch):
+        wavs, lens = batch.sig
+        mask = sb.dataio.dataio.length_to_mask((lens * wavs.shape[1]).round(), wavs.shape[1])
+        if family == "ctc":
+            tokens, tok_lens = batch.tokens
+            keep = sb.dataio.dataio.length_to_mask((tok_lens * tokens.shape[1]).round(),
+                                                   tokens.shape[1]).bool()
+            return {"input_values": wavs.to(device), "attention_mask": mask.long().to(device),
+                    "labels": tokens.masked_fill(~keep, -100).to(device)}
+        with torch.no_grad():  # log-mel features: the HF loop gets them ready-made
+            feats = whisper._get_mel(wavs.to(device))
+        bos, bos_lens = batch.tokens_bos
+        eos, _ = batch.tokens_eos
+        keep = sb.dataio.dataio.length_to_mask((bos_lens * bos.shape[1]).round(),
+                                               bos.shape[1]).bool()
+        return {"input_features": feats, "decoder_input_ids": bos.masked_fill(~keep, pad_id)
+                .to(device), "labels": eos.masked_fill(~keep, -100).to(device)}
+
+    def step(prepared):
+        with autocast:
+            loss = model(**prepared).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    attention = getattr(model.config, "_attn_implementation", "?")
+    if family == "ctc" and model.config.model_type == "wavlm":
+        attention = "eager"  # transformers' WavLM attention is eager whatever the config says
+    return step, inputs, attention, model
+
+
+def recipe_step_fn(exp):
+    brain = exp.brain
+    brain.on_fit_start()  # optimizers, torch.compile, (nothing to) recover
+    brain.on_stage_start(sb.Stage.TRAIN, 1)
+    brain.modules.train()
+
+    def step(batch):
+        brain.step += 1
+        brain.fit_batch(batch)
+    return step
+
+
+def loader_throughput(exp, n_batches):
+    """Speech seconds per second the recipe's data loader delivers on its own."""
+    loader = exp.brain.make_dataloader(exp.train, sb.Stage.TRAIN, ckpt_prefix=None,
+                                       **exp.loader_kwargs["train"])
+    start, speech = time.perf_counter(), 0.0
+    for i, batch in enumerate(loader):
+        if i == n_batches:
+            break
+        speech += speech_seconds(batch)
+    return speech / (time.perf_counter() - start)
+
+
+def train_batches(exp, n):
+    """The first ``n`` batches of the recipe's training loader (same order every time)."""
+    loader = exp.brain.make_dataloader(exp.train, sb.Stage.TRAIN, ckpt_prefix=None,
+                                       **exp.loader_kwargs["train"])
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == n:
+            return batches
+    raise SystemExit(f"the training data gives {len(batches)} batches, fewer than warmup + "
+                     f"steps = {n}: pass --utterances with a larger number or fewer --steps")
+
+
+def peak_flops(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
+def run_variant(args, variant, family, yaml_path, model_dir, workdir):
+    """Measure one variant; returns its result row."""
+    n = args.warmup + args.steps
+    gpu = args.device.startswith("cuda")
+    gc.collect()  # the previous variant's Brain and model (reference cycles) go now
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    overrides, run_opts = ({}, {}) if variant == "hf" else VARIANTS[variant]
+    out = Path(workdir) / "runs" / f"{args.model}_{variant}"
+    exp = experiment_for(args, family, yaml_path,
+                         {**base_overrides(args, family, model_dir), **overrides}, run_opts, out)
+    if model_dir is not None:
+        model_source = model_dir
+    else:  # the recipe's own tiny model
+        hp = exp.brain.hparams
+        model_source = hp.encoder_source if family == "ctc" else hp.whisper_source
+    batches = train_batches(exp, n + 1)  # + 1: the FLOP-counting step
+    row = {"run": args.run_id, "model": args.model, "variant": variant,
+           "device": device_name(args.device), "data": args.data, "steps": args.steps,
+           "utterances_per_batch": sum(len(b.id) for b in batches[1:]) / n,
+           "speech_s_per_batch": sum(map(speech_seconds, batches[1:])) / n,
+           "padding_mean": float(np.mean([padding_fraction(b) for b in batches[1:]])),
+           "padding_max": max(padding_fraction(b) for b in batches[1:])}
+    if variant == "hf":
+        step, inputs, row["attention"], model = hf_step_fn(exp, family, model_source, args)
+        prepared = [inputs(b) for b in batches]
+        flops = count_flops(step, prepared[0])
+        seconds, warm = timed(step, prepared[1:], args.warmup, args.device)
+        del model, prepared
+    else:
+        step = recipe_step_fn(exp)
+        counted = batches[0]
+        if "encoder_cache" in overrides:
+            timed(step, batches[1:], 0, args.device)  # the first epoch fills the cache
+            counted = batches[1]  # count a step that reads the cache, like the timed ones
+        flops = None if run_opts.get("compile") else count_flops(step, counted)
+        # the live loader feeds the timed pass, as in training (same batches, same order)
+        loader = exp.brain.make_dataloader(exp.train, sb.Stage.TRAIN, ckpt_prefix=None,
+                                           **exp.loader_kwargs["train"])
+        seconds, warm = timed(step, itertools.islice(loader, 1, n + 1), args.warmup, args.device)
+        row["attention"] = overrides.get("attention", "-")
+        row["compile"] = bool(run_opts.get("compile"))
+        row["loader_speech_s_per_s"] = loader_throughput(exp, n)
+    timed_batches = batches[1 + args.warmup:]
+    speech = sum(map(speech_seconds, timed_batches))
+    row["audio_s_per_s"] = speech / seconds
+    row["step_ms"] = 1000 * seconds / args.steps
+    row["warmup_s"] = warm
+    if flops is not None:
+        scale = sum(padded_size(b, family) for b in timed_batches) / padded_size(batches[0],
+                                                                                  family)
+        row["tflops"] = flops * scale / seconds / 1e12
+        row["gflop_per_speech_s"] = flops * scale / speech / 1e9
+        peak = peak_flops(args.device)
+        row["mfu"] = row["tflops"] * 1e12 / peak if peak else None
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+    if "loader_speech_s_per_s" in row:
+        row["loader_ratio"] = row["loader_speech_s_per_s"] / row["audio_s_per_s"]
+    return row
+
+
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------------------- report
+COLUMNS = [("model", "{}"), ("variant", "{}"), ("device", "{}"), ("data", "{}"),
+           ("speech_s_per_batch", "{:.0f}"), ("audio_s_per_s", "{:.1f}"), ("vs_hf", "{:.2f}x"),
+           ("step_ms", "{:.0f}"), ("tflops", "{:.1f}"), ("mfu", "{:.1%}"), ("peak_gib", "{:.1f}"),
+           ("padding_mean", "{:.1%}"), ("loader_ratio", "{:.1f}x"), ("warmup_s", "{:.1f}")]
+
+
+def markdown(rows):
+    """All results as a Markdown table; ``vs_hf`` against the ``hf`` row of the same invocation
+    (``run``) and model."""
+    lines = ["| " + " | ".join(c for c, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        ref = next((r for r in rows if r["variant"] == "hf" and all(
+            r[k] == row[k] for k in ("run", "model"))), None)
+        row = dict(row, vs_hf=row["audio_s_per_s"] / ref["audio_s_per_s"] if ref else None)
+        cells = [fmt.format(row[c]) if row.get(c) is not None else "-" for c, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), required=True)
+    p.add_argument("--variants", default=None,
+                   help="comma-separated: hf, eager, sdpa, sdpa+compile (CTC); hf, recipe, "
+                        "recipe+compile, cache (Whisper). Default: all but compile")
+    p.add_argument("--data", choices=["bundled", "librispeech-like"], default=None,
+                   help="default: bundled for the tiny models, librispeech-like otherwise")
+    p.add_argument("--utterances", type=int, default=400, help="librispeech-like corpus size")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    p.add_argument("--batch_seconds", type=float, default=None,
+                   help="CTC: audio s per batch (default 200; the recipe's for tiny models)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="Whisper: utterances per batch (default 32; the recipe's for tiny ones)")
+    p.add_argument("--num_workers", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--augment", action="store_true", help="keep the recipe's augmentation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "speechtune_bench"))
+    p.add_argument("--out", default="benchmark_results")
+    args = p.parse_args(argv)
+    args.run_id = time.strftime("%Y-%m-%d %H:%M:%S")
+    logging.basicConfig(level=logging.WARNING)
+
+    family, yaml_path, config = MODELS[args.model]
+    tiny = config is None
+    args.data = args.data or ("bundled" if tiny else "librispeech-like")
+    if not tiny:  # the issue's reference batches: 16 x 12.5 s (CTC), 32 windows (Whisper)
+        args.batch_seconds = args.batch_seconds or 200
+        args.batch_size = args.batch_size or 32
+    default = ["hf", "eager", "sdpa"] if family == "ctc" else ["hf", "recipe", "cache"]
+    if args.model == "wav2vec2-large":
+        default = ["hf", "recipe"]
+    variants = args.variants.split(",") if args.variants else default
+    for v in variants:
+        if v != "hf" and v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; choose from hf, {', '.join(VARIANTS)}")
+    workdir = Path(args.workdir)
+    if args.data == "bundled":
+        args.train_manifest = SYNTHETIC / "en" / "train.csv"
+    else:
+        args.train_manifest = librispeech_like_corpus(workdir / "data", args.utterances)
+    args.valid_manifest = SYNTHETIC / "en" / "valid.csv"
+    texts = []
+    with open(args.train_manifest, newline="", encoding="utf-8") as f:
+        texts = [row["wrd"] for row in csv.DictReader(f)]
+    model_dir = None if tiny else build_model(args.model, family, config,
+                                              workdir / "models" / args.model, texts)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for variant in variants:
+        row = run_variant(args, variant, family, yaml_path, model_dir, workdir)
+        print(json.dumps(row), flush=True)
+        with open(out / "results.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in open(out / "results.jsonl", encoding="utf-8")]
+    (out / "results.md").write_text(markdown(rows), encoding="utf-8")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
