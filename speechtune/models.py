@@ -80,18 +80,19 @@ class SDPAWavLMAttention(WavLMAttention):
         proj = self.gru_rel_pos_linear(per_head).view(bsz, heads, length, 2, 4).sum(-1)
         gate_a, gate_b = torch.sigmoid(proj).chunk(2, dim=-1)
         gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0
-        bias = gate * position_bias  # (batch, heads, T, T)
-        if attention_mask is not None:
-            padded = attention_mask.ne(1)[:, None, None, :]
-            bias = bias.masked_fill(padded, float("-inf"))
 
         def split(proj_layer):
             return proj_layer(hidden_states).view(bsz, length, heads, head_dim).transpose(1, 2)
 
         query, key, value = split(self.q_proj), split(self.k_proj), split(self.v_proj)
+        # the (batch, heads, T, T) mask in one kernel, in the attention's dtype: -inf on padded
+        # keys + gate x bias (transformers adds the same bias in fp32, then casts it)
+        keys = torch.zeros(bsz, 1, 1, length, dtype=query.dtype, device=query.device)
+        if attention_mask is not None:
+            keys = keys.masked_fill(attention_mask.ne(1)[:, None, None, :], float("-inf"))
+        bias = torch.addcmul(keys, gate.to(query.dtype), position_bias.to(query.dtype))
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias.to(query.dtype),
-            dropout_p=self.dropout if self.training else 0.0)
+            query, key, value, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
         out = self.out_proj(out.transpose(1, 2).reshape(bsz, length, heads * head_dim))
         return out, None, position_bias
 

@@ -89,6 +89,8 @@ VARIANTS = {
     "eager": ({"attention": "eager"}, {}),
     "sdpa": ({"attention": "sdpa"}, {}),
     "sdpa+compile": ({"attention": "sdpa"}, {"compile": True}),
+    "sdpa+compile-dynamic": ({"attention": "sdpa"}, {
+        "compile": True, "compile_using_dynamic_shape_tracing": True}),
     "recipe": ({}, {}),
     "recipe+compile": ({}, {"compile": True}),
     "cache": ({"encoder_cache": "memory"}, {}),
@@ -216,19 +218,44 @@ def count_flops(step, batch):
     return counter.get_total_flops()
 
 
-def timed(step, batches, warmup, device):
-    """Run ``step`` over ``batches``; seconds spent on the batches after ``warmup``, and on the
-    warmup ones (compilation shows there)."""
+def timed(step, batches, warmup, device, speech=speech_seconds):
+    """Run ``step`` over ``batches``; seconds and speech seconds of the batches after
+    ``warmup``, and seconds of the warmup ones (compilation shows there)."""
     sync(device)
     start = time.perf_counter()
-    warm_end = start
+    warm_end, done = start, []
     for i, batch in enumerate(batches):
         if i == warmup:
             sync(device)
             warm_end = time.perf_counter()
         step(batch)
+        if i >= warmup:
+            done.append(batch)
     sync(device)
-    return time.perf_counter() - warm_end, warm_end - start
+    return time.perf_counter() - warm_end, sum(map(speech, done)), warm_end - start, done
+
+
+def profile_table(step, batches, device, path):
+    """torch.profiler over ``batches``: the top operators by device time, and how much of the
+    wall time the device was busy (written to ``path``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(batch)
+        sync(device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    sort = "cuda_time_total" if device != "cpu" else "cpu_time_total"
+    head = f"{len(batches)} steps, wall {wall:.3f} s"
+    if device != "cpu":
+        kernels = sum(e.self_device_time_total for e in events) / 1e6
+        head += f", device busy (sum of kernel times) {kernels:.3f} s = {kernels / wall:.0%}"
+    Path(path).write_text(head + "\n\n" + events.table(sort_by=sort, row_limit=30),
+                          encoding="utf-8")
 
 
 def hf_step_fn(exp, family, model_dir, args):
@@ -355,15 +382,21 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
            "speech_s_per_batch": sum(map(speech_seconds, batches[1:])) / n,
            "padding_mean": float(np.mean([padding_fraction(b) for b in batches[1:]])),
            "padding_max": max(padding_fraction(b) for b in batches[1:])}
+    counted = batches[0]
     if variant == "hf":
         step, inputs, row["attention"], model = hf_step_fn(exp, family, model_source, args)
         prepared = [inputs(b) for b in batches]
         flops = count_flops(step, prepared[0])
-        seconds, warm = timed(step, prepared[1:], args.warmup, args.device)
+        by_id = {id(p): b for p, b in zip(prepared, batches, strict=True)}
+        seconds, speech, warm, done = timed(step, prepared[1:], args.warmup, args.device,
+                                            speech=lambda p: speech_seconds(by_id[id(p)]))
+        done = [by_id[id(p)] for p in done]
+        if args.profile:
+            profile_table(step, prepared[1:4], args.device,
+                          Path(args.out) / f"profile_{args.model}_{variant}.txt")
         del model, prepared
     else:
         step = recipe_step_fn(exp)
-        counted = batches[0]
         if "encoder_cache" in overrides:
             timed(step, batches[1:], 0, args.device)  # the first epoch fills the cache
             counted = batches[1]  # count a step that reads the cache, like the timed ones
@@ -371,18 +404,20 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
         # the live loader feeds the timed pass, as in training (same batches, same order)
         loader = exp.brain.make_dataloader(exp.train, sb.Stage.TRAIN, ckpt_prefix=None,
                                            **exp.loader_kwargs["train"])
-        seconds, warm = timed(step, itertools.islice(loader, 1, n + 1), args.warmup, args.device)
+        seconds, speech, warm, done = timed(step, itertools.islice(loader, 1, n + 1),
+                                            args.warmup, args.device)
+        if args.profile:
+            profile_table(step, batches[1:4], args.device,
+                          Path(args.out) / f"profile_{args.model}_{variant}.txt")
         row["attention"] = overrides.get("attention", "-")
         row["compile"] = bool(run_opts.get("compile"))
         row["loader_speech_s_per_s"] = loader_throughput(exp, n)
-    timed_batches = batches[1 + args.warmup:]
-    speech = sum(map(speech_seconds, timed_batches))
+    timed_batches = done
     row["audio_s_per_s"] = speech / seconds
     row["step_ms"] = 1000 * seconds / args.steps
     row["warmup_s"] = warm
     if flops is not None:
-        scale = sum(padded_size(b, family) for b in timed_batches) / padded_size(batches[0],
-                                                                                  family)
+        scale = sum(padded_size(b, family) for b in timed_batches) / padded_size(counted, family)
         row["tflops"] = flops * scale / seconds / 1e12
         row["gflop_per_speech_s"] = flops * scale / speech / 1e9
         peak = peak_flops(args.device)
@@ -438,6 +473,8 @@ def main(argv=None):
                    help="Whisper: utterances per batch (default 32; the recipe's for tiny ones)")
     p.add_argument("--num_workers", type=int, default=None, help="default: the recipe's")
     p.add_argument("--augment", action="store_true", help="keep the recipe's augmentation")
+    p.add_argument("--profile", action="store_true",
+                   help="also write a torch.profiler table of 3 steps per recipe variant")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "speechtune_bench"))
     p.add_argument("--out", default="benchmark_results")
