@@ -3,6 +3,7 @@ valid, and what happens without the kenlm module."""
 
 import json
 import math
+import os
 import sys
 from collections import defaultdict
 
@@ -98,6 +99,23 @@ def test_kneser_ney_uses_continuation_counts(tmp_path):
     grams = read_arpa(tmp_path / "x.arpa")
     assert grams[1][("francisco",)][0] < grams[1][("beach",)][0]
     assert arpa_log10(grams, ("san",), "francisco") > math.log10(0.5)
+
+
+def test_kenlm_tools_on_path_are_used(tmp_path, monkeypatch):
+    """lmplz (given the text on stdin) and build_binary run when on PATH (stand-ins here)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, body in {"lmplz": 'echo "$@" > "$ARGS"; cat > "${@: -1}"',
+                       "build_binary": 'cp "$1" "$2"'}.items():
+        (bin_dir / tool).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("ARGS", str(tmp_path / "args"))
+    arpa = tmp_path / "lm.arpa"
+    assert build_lm([["a", "b"], ["c"]], 3, [0, 0, 1], arpa) == [arpa, tmp_path / "lm.bin"]
+    assert (tmp_path / "args").read_text().split() == [
+        "-o", "3", "--discount_fallback", "--prune", "0", "0", "1", "--arpa", str(arpa)]
+    assert arpa.read_text() == "a b\nc\n" and (tmp_path / "lm.bin").exists()
 
 
 def test_read_sentences_normalises_manifests_and_text(tmp_path):
