@@ -37,6 +37,11 @@ class SSLEncoder(Wav2Vec2):
     def __init__(self, source, save_path, config_overrides=None, attention="sdpa", **kwargs):
         object.__setattr__(self, "_config_overrides", dict(config_overrides or {}))
         super().__init__(source, save_path, **kwargs)
+        if self.freeze_feature_extractor and not self.freeze:
+            # SpeechBrain turns off the CNN's parameter gradients but not transformers' own flag,
+            # with which the CNN makes its input require grad in training: autograd then ran
+            # backward through all seven conv layers for nothing (seen in an H100 profile)
+            self.model.feature_extractor._freeze_parameters()
         if attention not in ("sdpa", "eager"):
             raise ValueError(f"attention={attention!r}: use 'sdpa' or 'eager'")
         if self.model.config.model_type == "wavlm":

@@ -22,6 +22,10 @@ def test_tiny_encoder_loads_offline_through_speechbrain(tmp_path, model_type):
     out = enc(wav, torch.tensor([1.0, 0.5]))
     assert out.shape == (2, enc.output_frames(16000), 32)
     assert not any(p.requires_grad for p in enc.model.feature_extractor.parameters())
+    cnn_out = []  # a frozen CNN builds no autograd graph in training (no backward through it)
+    enc.model.feature_extractor.register_forward_hook(lambda m, i, o: cnn_out.append(o))
+    enc.train()
+    assert enc(wav).requires_grad and not cnn_out[-1].requires_grad
 
 
 def test_config_overrides_apply_and_unknown_keys_fail(micro_encoder_dir, tmp_path):
