@@ -11,6 +11,7 @@ def test_benchmark_runs_two_steps_on_cpu_and_writes_json_and_markdown(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--model", "wavlm-tiny",
            "--variants", "hf,sdpa", "--steps", "2", "--warmup", "1", "--device", "cpu",
+           "--no_shape_warmup",
            "--out", str(out), "--workdir", str(tmp_path / "work")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -42,6 +42,7 @@ import numpy as np
 import soundfile as sf
 import speechbrain as sb
 import torch
+import yaml
 from hyperpyyaml import load_hyperpyyaml
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -368,15 +369,15 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
         torch.cuda.reset_peak_memory_stats()
     overrides, run_opts = ({}, {}) if variant == "hf" else VARIANTS[variant]
     out = Path(workdir) / "runs" / f"{args.model}_{variant}"
-    exp = experiment_for(args, family, yaml_path,
-                         {**base_overrides(args, family, model_dir), **overrides}, run_opts, out)
+    exp = experiment_for(args, family, yaml_path, {**base_overrides(args, family, model_dir),
+                                                   **args.set, **overrides}, run_opts, out)
     if model_dir is not None:
         model_source = model_dir
     else:  # the recipe's own tiny model
         hp = exp.brain.hparams
         model_source = hp.encoder_source if family == "ctc" else hp.whisper_source
     batches = train_batches(exp, n + 1)  # + 1: the FLOP-counting step
-    row = {"run": args.run_id, "model": args.model, "variant": variant,
+    row = {"run": args.run_id, "model": args.model, "variant": variant, "set": args.set,
            "device": device_name(args.device), "data": args.data, "steps": args.steps,
            "utterances_per_batch": sum(len(b.id) for b in batches[1:]) / n,
            "speech_s_per_batch": sum(map(speech_seconds, batches[1:])) / n,
@@ -456,6 +457,13 @@ def markdown(rows):
     return "\n".join(lines) + "\n"
 
 
+def _key_value(item):
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {item}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), required=True)
@@ -473,6 +481,10 @@ def main(argv=None):
                    help="Whisper: utterances per batch (default 32; the recipe's for tiny ones)")
     p.add_argument("--num_workers", type=int, default=None, help="default: the recipe's")
     p.add_argument("--augment", action="store_true", help="keep the recipe's augmentation")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a yaml override for every variant (repeatable), e.g. label_smoothing=0")
+    p.add_argument("--no_shape_warmup", action="store_true",
+                   help="skip the untimed first pass that warms cuDNN for every batch shape")
     p.add_argument("--profile", action="store_true",
                    help="also write a torch.profiler table of 3 steps per recipe variant")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -480,6 +492,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmark_results")
     args = p.parse_args(argv)
     args.run_id = time.strftime("%Y-%m-%d %H:%M:%S")
+    args.set = dict(_key_value(item) for item in args.set)
     logging.basicConfig(level=logging.WARNING)
 
     family, yaml_path, config = MODELS[args.model]
@@ -509,6 +522,10 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not args.no_shape_warmup:
+        # the first variant of a process pays for cuDNN's plans for every new conv shape (a
+        # dynamic batch is a new shape): 4.7x slower on an H100 for the same step run again
+        run_variant(args, variants[0], family, yaml_path, model_dir, workdir)
     for variant in variants:
         row = run_variant(args, variant, family, yaml_path, model_dir, workdir)
         print(json.dumps(row), flush=True)
