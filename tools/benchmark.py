@@ -18,8 +18,9 @@ each timed batch by its padded size), peak GPU memory, the batches' padding frac
 loader's own throughput (its workers iterating the same sampler without the model).
 
 Data: ``bundled`` (the Synthetic corpus, 1.5-3.5 s utterances) or ``librispeech-like`` (bundled
-utterances joined into utterances whose durations follow LibriSpeech train-clean-100's mean of
-12.7 s, spread 3.5 s, 1-24.5 s; written once as FLAC in ``--workdir``).
+utterances joined up to targets drawn around LibriSpeech train-clean-100's mean of 12.7 s, spread
+3.5 s, within 1-24.5 s; 13.9 s on average after the last piece's overshoot; written once as FLAC
+in ``--workdir``).
 
 Run (GPU):  python tools/benchmark.py --model wavlm-large --variants hf,eager,sdpa,sdpa+compile
 Run (CPU):  python tools/benchmark.py --model wavlm-tiny --data bundled --steps 10
@@ -103,11 +104,13 @@ LIBRISPEECH_LIKE = {"mean": 12.7, "sd": 3.5, "low": 1.0, "high": 24.5}
 
 
 # ---------------------------------------------------------------------------- data
-def librispeech_like_corpus(folder, n, seed=0):
-    """Join bundled English utterances (audio and transcripts) into ``n`` utterances with
-    LibriSpeech-like durations; returns the manifest (written once, reused after)."""
+def librispeech_like_corpus(folder, n, mean=12.7, sd=3.5, seed=0):
+    """Join bundled English utterances (audio and transcripts) into ``n`` utterances, each filled
+    with whole utterances up to a target drawn from normal(``mean``, ``sd``) clipped to 1-24.5 s
+    (the last one overshoots: the durations come out about 1.2 s longer, 13.9 s on average for
+    the default 12.7); returns the manifest (written once, reused after)."""
     folder = Path(folder)
-    manifest = folder / f"train_{n}_{seed}.csv"
+    manifest = folder / f"train_{n}_{mean:g}_{sd:g}_{seed}.csv"
     if manifest.exists():
         return manifest
     (folder / "wav").mkdir(parents=True, exist_ok=True)
@@ -116,8 +119,8 @@ def librispeech_like_corpus(folder, n, seed=0):
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        target = min(max(rng.gauss(LIBRISPEECH_LIKE["mean"], LIBRISPEECH_LIKE["sd"]),
-                         LIBRISPEECH_LIKE["low"]), LIBRISPEECH_LIKE["high"])
+        target = min(max(rng.gauss(mean, sd), LIBRISPEECH_LIKE["low"]),
+                     LIBRISPEECH_LIKE["high"])
         audio, words, total = [], [], 0.0
         while total < target:
             piece = rng.choice(pieces)
@@ -126,9 +129,10 @@ def librispeech_like_corpus(folder, n, seed=0):
             audio.append(wav)
             words.append(piece["wrd"])
             total += len(wav) / rate
-        path = folder / "wav" / f"ls_like_{seed}_{i:05d}.flac"
+        name = f"ls_like_{mean:g}_{sd:g}_{seed}_{i:05d}"
+        path = folder / "wav" / f"{name}.flac"
         sf.write(path, np.concatenate(audio), rate)
-        rows.append({"ID": f"ls_like_{seed}_{i:05d}", "duration": f"{total:.3f}",
+        rows.append({"ID": name, "duration": f"{total:.3f}",
                      "wav": str(path), "spk_id": "synthetic", "wrd": " ".join(words)})
     with open(manifest, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -473,6 +477,11 @@ def main(argv=None):
     p.add_argument("--data", choices=["bundled", "librispeech-like"], default=None,
                    help="default: bundled for the tiny models, librispeech-like otherwise")
     p.add_argument("--utterances", type=int, default=400, help="librispeech-like corpus size")
+    p.add_argument("--duration_mean", type=float, default=LIBRISPEECH_LIKE["mean"],
+                   help="librispeech-like: mean target duration (s); whole utterances fill "
+                        "each target, so the result is about 1.2 s longer")
+    p.add_argument("--duration_sd", type=float, default=LIBRISPEECH_LIKE["sd"],
+                   help="librispeech-like: spread of the durations (s)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--batch_seconds", type=float, default=None,
@@ -512,7 +521,8 @@ def main(argv=None):
     if args.data == "bundled":
         args.train_manifest = SYNTHETIC / "en" / "train.csv"
     else:
-        args.train_manifest = librispeech_like_corpus(workdir / "data", args.utterances)
+        args.train_manifest = librispeech_like_corpus(workdir / "data", args.utterances,
+                                                      args.duration_mean, args.duration_sd)
     args.valid_manifest = SYNTHETIC / "en" / "valid.csv"
     texts = []
     with open(args.train_manifest, newline="", encoding="utf-8") as f:
