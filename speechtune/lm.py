@@ -144,7 +144,9 @@ def make_searcher(hparams, tokenizer, mode, alpha=None, beta=None):
 
 def set_lm_weights(searcher, alpha, beta):
     """Change ``alpha``/``beta`` of a searcher whose LM is loaded (reloading it costs minutes
-    for a large LM); both live on SpeechBrain's ``KenlmScorer``."""
+    for a large LM); both live on SpeechBrain's ``KenlmScorer``. These are attributes, not API:
+    checked against SpeechBrain 1.1.2, which reads them afresh on every search; re-check on an
+    upgrade, or tuning would silently score one setting many times."""
     searcher.alpha = searcher.lm.alpha = alpha
     searcher.beta = searcher.lm.beta = beta
 

@@ -31,8 +31,8 @@ def read_sentences(paths, language):
     """Normalised word lists, one per non-empty line of a text file or per row of a manifest CSV
     (its ``wrd`` column), normalised as the recipes normalise references (``language``)."""
     normalize = get_normalizer(language)
-    sentences = []
-    for path in map(Path, paths):
+    paths, sentences = [Path(path) for path in paths], []
+    for path in paths:
         with open(path, newline="", encoding="utf-8") as f:
             if path.suffix == ".csv":
                 reader = csv.DictReader(f)
@@ -43,6 +43,9 @@ def read_sentences(paths, language):
             else:
                 texts = f.read().splitlines()
         sentences += [words for words in (normalize(t).split() for t in texts) if words]
+    if not sentences:
+        raise ValueError(f"no text to build the language model from in {[str(p) for p in paths]}"
+                         " (empty files, or nothing left after normalisation)")
     return sentences
 
 
@@ -50,12 +53,18 @@ def check_prune(prune, order):
     """``prune``: one raw-count threshold per order (n-grams with count <= it are dropped);
     shorter lists repeat their last value. Unigrams are never pruned and thresholds may not
     decrease with the order (so every kept n-gram keeps its context)."""
+    if order < 2:
+        raise ValueError(f"order {order}: KenLM (and so the CTC searchers) needs at least a "
+                         "bigram model; use --order 2 or more (3 is usual)")
     prune = list(prune) or [0]
+    if len(prune) > order:
+        raise ValueError(f"prune thresholds {prune}: {len(prune)} values for an order-{order} "
+                         f"model; give at most {order}")
     prune += [prune[-1]] * (order - len(prune))
     if prune[0] != 0 or any(b < a for a, b in zip(prune, prune[1:], strict=False)):
         raise ValueError(f"prune thresholds {prune}: the first (unigrams) must be 0 and the "
                          "others non-decreasing, e.g. --prune 0 0 1 (lmplz's convention)")
-    return prune[:order]
+    return prune
 
 
 def count_ngrams(sentences, order):
@@ -83,7 +92,7 @@ def adjusted_counts(counts):
 def discounts(adjusted):
     """Modified Kneser-Ney discounts ``(D1, D2, D3+)`` of one order from its counts of counts;
     ``lmplz``'s fallback where they are undefined or out of range."""
-    n = Counter(min(c, 4) for g, c in adjusted.items() if g != (BOS,))
+    n = Counter(c for g, c in adjusted.items() if g != (BOS,) and c <= 4)  # n1..n4, exact
     if any(n[i] == 0 for i in (1, 2, 3, 4)):
         return FALLBACK_DISCOUNTS
     y = n[1] / (n[1] + 2 * n[2])
