@@ -147,7 +147,7 @@ def prepare_fixed(train, valid):
 
 
 # ---------------------------------------------------------------------------- models
-def build_model(name, family, config, folder, texts):
+def build_model(family, config, folder, texts):
     """A random-init model of real size in HF format (built once per ``folder``)."""
     folder = Path(folder)
     if (folder / "config.json").exists():
@@ -331,10 +331,15 @@ def recipe_step_fn(exp):
     return step
 
 
+def train_loader(exp):
+    """The recipe's training loader (its sampler, batch sizes and workers), from the start."""
+    return exp.brain.make_dataloader(exp.train, sb.Stage.TRAIN, ckpt_prefix=None,
+                                     **exp.loader_kwargs["train"])
+
+
 def loader_throughput(exp, n_batches):
     """Speech seconds per second the recipe's data loader delivers on its own."""
-    loader = exp.brain.make_dataloader(exp.train, sb.Stage.TRAIN, ckpt_prefix=None,
-                                       **exp.loader_kwargs["train"])
+    loader = train_loader(exp)
     start, speech = time.perf_counter(), 0.0
     for i, batch in enumerate(loader):
         if i == n_batches:
@@ -345,8 +350,7 @@ def loader_throughput(exp, n_batches):
 
 def train_batches(exp, n):
     """The first ``n`` batches of the recipe's training loader (same order every time)."""
-    loader = exp.brain.make_dataloader(exp.train, sb.Stage.TRAIN, ckpt_prefix=None,
-                                       **exp.loader_kwargs["train"])
+    loader = train_loader(exp)
     batches = []
     for batch in loader:
         batches.append(batch)
@@ -407,9 +411,7 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
             counted = batches[1]  # count a step that reads the cache, like the timed ones
         flops = None if run_opts.get("compile") else count_flops(step, counted)
         # the live loader feeds the timed pass, as in training (same batches, same order)
-        loader = exp.brain.make_dataloader(exp.train, sb.Stage.TRAIN, ckpt_prefix=None,
-                                           **exp.loader_kwargs["train"])
-        seconds, speech, warm, done = timed(step, itertools.islice(loader, 1, n + 1),
+        seconds, speech, warm, done = timed(step, itertools.islice(train_loader(exp), 1, n + 1),
                                             args.warmup, args.device)
         if args.profile:
             profile_table(step, batches[1:4], args.device,
@@ -524,10 +526,9 @@ def main(argv=None):
         args.train_manifest = librispeech_like_corpus(workdir / "data", args.utterances,
                                                       args.duration_mean, args.duration_sd)
     args.valid_manifest = SYNTHETIC / "en" / "valid.csv"
-    texts = []
     with open(args.train_manifest, newline="", encoding="utf-8") as f:
         texts = [row["wrd"] for row in csv.DictReader(f)]
-    model_dir = None if tiny else build_model(args.model, family, config,
+    model_dir = None if tiny else build_model(family, config,
                                               workdir / "models" / args.model, texts)
 
     out = Path(args.out)
