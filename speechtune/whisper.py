@@ -96,8 +96,8 @@ class WhisperBrain(FineTuneBrain):
 
 
 class EncoderCache:
-    """Outputs of a frozen Whisper encoder by utterance id, so that after the first epoch the
-    encoder no longer runs (valid it skips from the second validation on).
+    """Outputs of a frozen Whisper encoder by utterance id, so that the encoder no longer runs
+    after the first epoch (and, in validation, after the first validation).
 
     ``where``: ``memory`` (host RAM: about 2.3 MB per utterance for whisper-small in bf16, 3.1 MB
     for medium) or a folder (one file per utterance, written atomically; DDP processes share it).
@@ -132,7 +132,8 @@ class EncoderCache:
         if any(t is None for t in found):
             return None
         # copy each to the device and stack there: stacking on the host first costs a
-        # batch-sized copy in this (the training) process (measured 2x slower on an H100 box)
+        # batch-sized copy in this (the training) process; the whisper-small step on an H100
+        # was 3.3x slower that way (tools/benchmark_results/h100, runs 1 and 2)
         return torch.stack([t.to(device, non_blocking=True) for t in found])
 
     def put(self, ids, encoded):
