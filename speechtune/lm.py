@@ -100,6 +100,13 @@ def lm_weights(hparams) -> tuple[float, float]:
     if Path(tuned["lm_path"]).resolve() != lm_file(hparams).resolve():
         raise ValueError(f"{path} was tuned for the LM {tuned['lm_path']}, not for lm_path "
                          f"{hparams['lm_path']}: run tune_lm.py again with this LM.")
+    checkpointer = hparams.get("checkpointer")
+    best = checkpointer.find_checkpoint(min_key="WER") if checkpointer is not None else None
+    if best is not None and best.path.name != tuned["checkpoint"]:
+        # e.g. training went on after tuning: the weights still work, but were not chosen for it
+        logger.warning("%s was tuned on checkpoint %s, but the best-WER checkpoint is now %s: "
+                       "run tune_lm.py again for weights chosen for it.", path,
+                       tuned["checkpoint"], best.path.name)
     return float(tuned["alpha"]), float(tuned["beta"])
 
 

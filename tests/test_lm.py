@@ -2,6 +2,7 @@
 valid, and what happens without the kenlm module."""
 
 import json
+import logging
 import math
 import os
 import sys
@@ -12,6 +13,7 @@ import torch
 import yaml
 from conftest import MICRO_ENCODER, REPO, SYNTHETIC
 from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.metric_stats import ErrorRateStats
 from test_ctc_brain import experiment
 
@@ -232,7 +234,7 @@ def test_lm_fixes_what_greedy_and_beam_get_wrong(lm_setup):
     assert wers[1] < wers[0]
 
 
-def test_tuning_writes_its_table_and_test_decoding_reads_it(lm_setup):
+def test_tuning_writes_its_table_and_test_decoding_reads_it(lm_setup, caplog):
     hparams, tokenizer, utt = lm_setup
     searcher = lm.make_searcher(hparams, tokenizer, "beam_lm", 0.0, 0.0)
     rows = lm.grid_search(searcher, [utt], [0.0, 0.5, 1.0], [0.0, 1.0], hparams["wer_computer"])
@@ -247,6 +249,13 @@ def test_tuning_writes_its_table_and_test_decoding_reads_it(lm_setup):
     assert "| alpha \\ beta | 0 | 1 |" in table and "**0.00**" in table
     assert (folder / "grid.csv").read_text().count("\n") == 7
     assert lm.lm_weights({**hparams, "lm_weights": "tuned"}) == (best["alpha"], best["beta"])
+    # tuned on one checkpoint, testing another (training went on): a warning naming both
+    checkpointer = Checkpointer(folder.parent / "save")
+    checkpointer.save_checkpoint(meta={"WER": 50.0}, name="newer")
+    with caplog.at_level(logging.WARNING, logger="speechtune.lm"):
+        lm.lm_weights({**hparams, "lm_weights": "tuned", "checkpointer": checkpointer})
+    assert "tuned on checkpoint CKPT+x, but the best-WER checkpoint is now CKPT+newer" in (
+        caplog.text)
     other = folder.parent / "other.arpa"
     other.write_text((folder.parent.parent / "lm.arpa").read_text())
     with pytest.raises(ValueError, match="tune_lm.py again"):
