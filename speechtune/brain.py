@@ -10,10 +10,12 @@ optimizer trains (``parameter_groups``); the rest is here, once:
   runs without autograd and its optimizer (if it has one) is not stepped;
 - validation at epoch ends and every ``valid_every_steps`` optimizer steps, each followed by a
   checkpoint that keeps the best WER and the latest ``num_to_keep``;
-- the loss/WER history (checkpointed) and ``curves.png``; test alignments in ``wer_<split>.txt``.
+- the loss/WER history (checkpointed) and ``curves.png``; test alignments in ``wer_<split>.txt``;
+- testing the best-WER checkpoint, or the average of the ``average_best`` best ones.
 
 Keys read here (a missing key is an error, never a silent default): ``freeze_encoder_steps``,
-``valid_every_steps``, ``log_every_steps``, ``num_to_keep``, ``train_logger``, ``wer_computer``,
+``valid_every_steps``, ``log_every_steps``, ``num_to_keep``, ``average_best``, ``train_logger``,
+``wer_computer``,
 ``cer_computer``, ``checkpointer``, ``history``, ``epoch_counter``, ``output_folder``.
 """
 
@@ -23,6 +25,7 @@ import speechbrain as sb
 import torch
 from speechbrain.augment.time_domain import SpeedPerturb
 from speechbrain.nnet.schedulers import TriStageLRSchedule
+from speechbrain.utils.checkpoints import average_checkpoints
 
 from speechtune.outputs import write_curves
 
@@ -142,9 +145,10 @@ class FineTuneBrain(sb.Brain):
             self._end_valid(stage_loss, end_of_epoch=True)
         else:
             stats = self._error_stats(stage_loss)
-            self.hparams.train_logger.log_stats(
-                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current,
-                            "split": self.test_split}, test_stats=stats)
+            meta = {"Epoch loaded": self.hparams.epoch_counter.current, "split": self.test_split}
+            if self.averaged_from:
+                meta["averaged"] = " + ".join(self.averaged_from)
+            self.hparams.train_logger.log_stats(stats_meta=meta, test_stats=stats)
             path = f"{self.hparams.output_folder}/wer_{self.test_split}.txt"
             with open(path, "w", encoding="utf-8") as f:
                 self.wer_metric.write_stats(f)
@@ -186,6 +190,27 @@ class FineTuneBrain(sb.Brain):
             # registers samplers itself under DDP; DDP wraps this one in make_dataloader
             self.train_sampler = batch_sampler
         return super().fit(epoch_counter, train_set, valid_set, **kwargs)
+
+    def on_evaluate_start(self, max_key=None, min_key=None):
+        """Load the best checkpoint by ``min_key`` (WER); with ``average_best: N`` > 1, then
+        replace every module's weights by their average over the N best (SpeechBrain's
+        ``average_checkpoints``); the rest (counters, schedulers) stays the best one's."""
+        super().on_evaluate_start(max_key=max_key, min_key=min_key)
+        n = int(self.hparams.average_best)
+        self.averaged_from = None
+        if n <= 1:
+            return
+        found = self.checkpointer.find_checkpoints(min_key=min_key, max_num_checkpoints=n)
+        if len(found) < n:
+            raise ValueError(
+                f"average_best={n} but {self.checkpointer.checkpoints_dir} keeps {len(found)} "
+                f"checkpoint(s) with a {min_key}: train with num_to_keep >= {n} (it keeps the "
+                f"N best), or average fewer.")
+        for name, module in self.modules.items():
+            module.load_state_dict(average_checkpoints(found, name))
+        self.averaged_from = [c.path.name for c in found]
+        logger.info("testing the average of the %d best checkpoints by %s: %s", n, min_key,
+                    ", ".join(self.averaged_from))
 
     def evaluate(self, test_set, split="test", **kwargs):
         """``Brain.evaluate`` on the best-WER checkpoint; alignments go to ``wer_<split>.txt``."""

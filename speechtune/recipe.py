@@ -66,9 +66,14 @@ class Experiment:
                        valid_loader_kwargs=self.loader_kwargs["valid"])
 
     def evaluate(self):
+        """Test splits on the best-WER checkpoint; an average of several (``average_best``) is
+        scored on the valid split too, since no validation during training saw it."""
+        splits = dict(self.tests)
+        if int(self.brain.hparams.average_best) > 1:
+            splits = {"valid": self.valid, **splits}
         return {name: self.brain.evaluate(ds, split=name,
                                           test_loader_kwargs=self.loader_kwargs[name])
-                for name, ds in self.tests.items()}
+                for name, ds in splits.items()}
 
 
 def build_experiment(hparams, run_opts, prepare, family):

@@ -211,3 +211,27 @@ def test_augmentation_runs_in_fp32_on_the_run_device_under_autocast(synthetic_su
         out, lens = brain.augment(wavs, torch.ones(2))
     assert out.dtype == torch.float32 and out.shape[0] == 2
     assert speed.device == brain.device
+
+
+def test_average_best_tests_the_mean_of_the_n_best_checkpoints(synthetic_subset, tmp_path):
+    out = tmp_path / "run"
+    exp = experiment(synthetic_subset, out, valid_every_steps=3, num_to_keep=3, average_best=3)
+    exp.fit()
+    best3 = exp.brain.checkpointer.find_checkpoints(min_key="WER", max_num_checkpoints=3)
+    assert len(best3) == 3
+    exp.brain.on_evaluate_start(min_key="WER")
+    assert exp.brain.averaged_from == [c.path.name for c in best3]
+    for name in ("encoder", "head"):
+        states = [torch.load(c.paramfiles[name]) for c in best3]
+        for key, value in exp.brain.modules[name].state_dict().items():
+            if value.is_floating_point():
+                mean = sum(s[key] for s in states) / 3
+                assert torch.allclose(value, mean, atol=1e-6), (name, key)
+    assert not torch.equal(states[0]["w.weight"], states[1]["w.weight"])  # a real average
+    results = exp.evaluate()  # no validation saw the average: valid is scored as well
+    assert set(results) == {"valid", "test"} and (out / "wer_valid.txt").exists()
+    assert "averaged: " in (out / "train_log.txt").read_text()
+
+    exp.brain.hparams.average_best = 5  # more than the run kept: an error naming the fix
+    with pytest.raises(ValueError, match="train with num_to_keep >= 5"):
+        exp.brain.on_evaluate_start(min_key="WER")
