@@ -126,7 +126,9 @@ def run(argv, prepare, family):
     experiment.fit()
     results = experiment.evaluate()
     if sb.utils.distributed.if_main_process():
+        n = int(hparams["average_best"])
+        which = "best-WER checkpoint" if n <= 1 else f"average of the {n} best checkpoints"
         for name, stats in results.items():
             print(f"[speechtune] {name}: WER {stats['WER']:.2f}%  CER {stats['CER']:.2f}%  "
-                  f"(best-WER checkpoint; alignments in {hparams['output_folder']}/wer_{name}.txt)")
+                  f"({which}; alignments in {hparams['output_folder']}/wer_{name}.txt)")
     return experiment, results
