@@ -98,7 +98,8 @@ def test_always_frozen_encoder_never_changes(synthetic_subset, tmp_path):
 
 
 def test_checkpointer_keeps_best_wer_and_latest_and_tests_best(synthetic_subset, tmp_path):
-    exp = experiment(synthetic_subset, tmp_path / "run", number_of_epochs=3)
+    # num_to_keep 1: the best checkpoint by WER and the most recent one
+    exp = experiment(synthetic_subset, tmp_path / "run", number_of_epochs=3, num_to_keep=1)
     brain = exp.brain
     fake_wers = iter([50.0, 30.0, 40.0])
     real = brain._error_stats
