@@ -126,11 +126,13 @@ class EncoderCache:
         """The batch's cached outputs on ``device``, or None unless every utterance is cached."""
         if self.memory is not None:
             found = [self.memory.get((i, dtype)) for i in ids]
-        else:
+            if any(t is None for t in found):
+                return None
+        else:  # read nothing unless the whole batch is there (the first epoch fills it)
             paths = [self._path(i, dtype) for i in ids]
-            found = [torch.load(p) if p.exists() else None for p in paths]
-        if any(t is None for t in found):
-            return None
+            if not all(p.exists() for p in paths):
+                return None
+            found = [torch.load(p) for p in paths]
         # copy each to the device and stack there: stacking on the host first costs a
         # batch-sized copy in this (the training) process; the whisper-small step on an H100
         # was 3.3x slower that way (tools/benchmark_results/h100, runs 1 and 2)
