@@ -36,6 +36,7 @@ class FineTuneBrain(sb.Brain):
     """Per-group optimizers and LR schedules, staged freezing, best-WER checkpoints, curves."""
 
     tokenizer = None  # set by the family's recipe setup
+    averaged_from = None  # names of the checkpoints whose average the modules hold (testing)
     valid_loader = None
     #: the optimizer group that trains the encoder, skipped while it is frozen (None: the
     #: family has one optimizer; a frozen encoder then simply has no gradients)
@@ -195,17 +196,19 @@ class FineTuneBrain(sb.Brain):
         """Load the best checkpoint by ``min_key`` (WER); with ``average_best: N`` > 1, then
         replace every module's weights by their average over the N best (SpeechBrain's
         ``average_checkpoints``); the rest (counters, schedulers) stays the best one's."""
-        super().on_evaluate_start(max_key=max_key, min_key=min_key)
         n = int(self.hparams.average_best)
-        self.averaged_from = None
         if n <= 1:
-            return
+            self.averaged_from = None
+            return super().on_evaluate_start(max_key=max_key, min_key=min_key)
         found = self.checkpointer.find_checkpoints(min_key=min_key, max_num_checkpoints=n)
         if len(found) < n:
             raise ValueError(
                 f"average_best={n} but {self.checkpointer.checkpoints_dir} keeps {len(found)} "
                 f"checkpoint(s) with a {min_key}: train with num_to_keep >= {n} (it keeps the "
                 f"N best), or average fewer.")
+        if self.averaged_from == [c.path.name for c in found]:
+            return  # another split: the modules already hold this average (no re-reading)
+        super().on_evaluate_start(max_key=max_key, min_key=min_key)
         for name, module in self.modules.items():
             module.load_state_dict(average_checkpoints(found, name))
         self.averaged_from = [c.path.name for c in found]
