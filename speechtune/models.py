@@ -61,10 +61,38 @@ class SSLEncoder(Wav2Vec2):
             config.mask_feature_min_masks = 0
         return config
 
+    def extract_features(self, wav, wav_lens=None):
+        """SpeechBrain's forward with each utterance normalised over its own samples.
+
+        SpeechBrain layer-norms every row of the padded batch, padding included, so an
+        utterance's features depended on the longest utterance it was batched with, and differed
+        from transformers' feature extractor (per utterance, zero mean and unit variance over its
+        true length, padding 0) that an exported model meets at inference.
+        """
+        if self.normalize_wav:
+            wav = normalize_per_utterance(wav, wav_lens)
+        normalize, self.normalize_wav = self.normalize_wav, False
+        try:
+            return super().extract_features(wav, wav_lens)
+        finally:
+            self.normalize_wav = normalize
+
     def output_frames(self, num_samples: int) -> int:
         """Number of encoder frames for ``num_samples`` input samples (the CNN's arithmetic)."""
         n = self.model._get_feat_extract_output_lengths(torch.tensor(num_samples))
         return int(n)
+
+
+def normalize_per_utterance(wav, wav_lens=None, eps=1e-7):
+    """Zero mean, unit variance over each utterance's true length (relative ``wav_lens``), padding
+    set to 0: transformers' ``Wav2Vec2FeatureExtractor(do_normalize=True)`` in torch."""
+    if wav_lens is None:
+        wav_lens = torch.ones(wav.shape[0], device=wav.device)
+    lengths = (wav_lens * wav.shape[1]).round().clamp(min=1)
+    mask = (torch.arange(wav.shape[1], device=wav.device)[None, :] < lengths[:, None]).to(wav.dtype)
+    mean = (wav * mask).sum(dim=1, keepdim=True) / lengths[:, None]
+    var = (((wav - mean) * mask) ** 2).sum(dim=1, keepdim=True) / lengths[:, None]
+    return (wav - mean) / torch.sqrt(var + eps) * mask
 
 
 class SDPAWavLMAttention(WavLMAttention):
@@ -263,6 +291,22 @@ class Whisper(SBWhisper):
 
     def _get_mel(self, wav):
         return self.log_mel_spectrogram(self.pad_or_trim(wav, self._n_samples))
+
+    def log_mel_spectrogram(self, audio, padding: int = 0):
+        """Whisper's log-mel with its 8-decade floor below each utterance's own maximum.
+
+        SpeechBrain floors at the maximum of the whole batch, so an utterance's features
+        depended on the loudest utterance batched with it, unlike transformers' (and OpenAI's)
+        feature extractor that an exported model meets at inference.
+        """
+        if padding > 0:
+            audio = torch.nn.functional.pad(audio, (0, padding))
+        window = torch.hann_window(self._n_fft, device=audio.device)
+        stft = torch.stft(audio, self._n_fft, self._hop_length, window=window,
+                          return_complex=True)
+        log_spec = (self._mel_filters @ stft[..., :-1].abs() ** 2).clamp(min=1e-10).log10()
+        floor = log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0
+        return (torch.maximum(log_spec, floor) + 4.0) / 4.0
 
     def forward(self, wav, decoder_input_ids, encoder_grad=True, encoded=None):
         """Log-mel -> encoder (without autograd unless ``encoder_grad``) -> decoder, no KV cache.

@@ -50,3 +50,43 @@ def test_ensure_tiny_encoder(tmp_path):
     bigger = dict(MICRO_ENCODER, hidden_size=48)
     ensure_tiny_encoder(built, True, bigger, built)  # a changed config rebuilds
     assert json.loads((tmp_path / "t" / "config.json").read_text())["hidden_size"] == 48
+
+
+def test_encoder_features_do_not_depend_on_the_batch(micro_encoder_dir, tmp_path):
+    """Each utterance is normalised over its own samples (as transformers' feature extractor
+    does at inference), so padding it into a batch with a longer one changes nothing."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    enc = SSLEncoder(micro_encoder_dir, str(tmp_path)).eval()
+    short, long = 0.3 * torch.randn(8000) + 0.2, torch.randn(16000)
+    batch = torch.zeros(2, 16000)
+    batch[0, :8000], batch[1] = short, long
+    with torch.no_grad():
+        alone = enc(short[None], torch.tensor([1.0]))
+        padded = enc(batch, torch.tensor([0.5, 1.0]))
+    frames = alone.shape[1]
+    torch.testing.assert_close(padded[0, :frames], alone[0], atol=1e-4, rtol=1e-4)
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    hf = extractor([short.numpy(), long.numpy()], sampling_rate=16000, padding=True,
+                   return_tensors="pt").input_values
+    from speechtune.models import normalize_per_utterance
+
+    torch.testing.assert_close(normalize_per_utterance(batch, torch.tensor([0.5, 1.0])), hf,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_whisper_log_mel_is_per_utterance_like_transformers(micro_whisper_en_dir, tmp_path):
+    """The log-mel floor sits 8 decades below each utterance's own maximum, not the batch's."""
+    from transformers import WhisperFeatureExtractor
+
+    from speechtune.models import Whisper
+
+    model = Whisper(micro_whisper_en_dir, str(tmp_path))
+    quiet, loud = 0.01 * torch.randn(16000), torch.randn(48000)
+    batch = torch.zeros(2, 48000)
+    batch[0, :16000], batch[1] = quiet, loud
+    mel = model._get_mel(batch)
+    torch.testing.assert_close(mel[0], model._get_mel(quiet[None])[0])
+    hf = WhisperFeatureExtractor.from_pretrained(micro_whisper_en_dir)(
+        [quiet.numpy(), loud.numpy()], sampling_rate=16000, return_tensors="pt").input_features
+    torch.testing.assert_close(mel, hf, atol=1e-4, rtol=1e-4)
