@@ -77,7 +77,7 @@ def read_rows(path):
     return rows
 
 
-def _columns(path, rows):
+def columns(path, rows):
     """``{contract column: input column}`` and the group columns, in input order."""
     header = list(dict.fromkeys(k for _, row in rows for k in row))  # JSONL: union of keys
     found = {}
@@ -139,7 +139,7 @@ def contract_rows(manifest, split, data_folder):
     if not rows:
         raise ManifestError(f"{path}: the manifest has no rows. Fix: add one row per utterance "
                             f"({FORMAT}).")
-    found, groups = _columns(path, rows)
+    found, groups = columns(path, rows)
     out, first_line = [], {}
     for index, (number, row) in enumerate(rows, 1):
         where = f"line {number}"

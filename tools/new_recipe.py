@@ -1,0 +1,446 @@
+#!/usr/bin/env python3
+"""Make a recipe for a new language or corpus from an existing recipe (torchtune's ``tune cp``).
+
+    python tools/new_recipe.py --from recipes/Synthetic/CTC --language da \\
+        --corpus recipes/Synthetic/data/da --out recipes/MyDanish/CTC
+    cd recipes/MyDanish/CTC && python train.py hparams/wavlm_tiny.yaml
+
+``--corpus`` is a folder holding ``train``, ``valid`` and (optionally) ``test`` manifests (``.csv``
+or ``.jsonl``), or one manifest, which is split into train/valid/test (every 20th row to valid,
+every 20th from the 16th to test) in ``<out>/data/``. Manifest columns: ``audio``/``wav`` (relative
+to the manifest's folder, absolute or ``$data_root/...``), ``text``/``wrd``, optional ``id``,
+``speaker``, ``duration`` and group columns (``speechtune/prepare/custom.py``).
+
+The new recipe holds ``hparams/<name>.yaml`` (the source yaml with the language, the data keys of
+``speechtune.prepare.custom`` and the output folder changed), a ``train.py`` of a few lines, and a
+``README.md`` with an empty results table; ``--fork`` adds ``brain.py``, a copy of the family's
+Brain that ``train.py`` uses, to change the forward pass or the loss. Then the tool checks the
+language's text normaliser, runs the recipe's pre-flight validation on the new data, prints the
+CTC character vocabulary (or Whisper's prefix tokens) and trains a few batches (SpeechBrain's
+``--debug``) into a throw-away folder (``--no_dry_run`` skips that).
+"""
+
+import argparse
+import ast
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = {"CTCFamily": ("speechtune.ctc", "CTCBrain"),
+            "WhisperFamily": ("speechtune.whisper", "WhisperBrain")}
+SPLITS = ("train", "valid", "test")
+CORPUS_KEYS = ("manifest_folder", "train_splits", "dev_splits", "test_splits")  # other preps'
+MANIFEST_HELP = ("a CSV or JSONL manifest per split with columns audio (or wav) and text (or "
+                 "wrd), optional id, speaker, duration and group columns; see "
+                 "speechtune/prepare/custom.py")
+
+
+class RecipeError(Exception):
+    """Bad arguments or data: the message says what and how to fix it."""
+
+
+def say(message):
+    print(f"[new_recipe] {message}", flush=True)
+
+
+def source_recipe(path, hparams_name):
+    """The source recipe folder, its family class name and its hparams file."""
+    folder = Path(path).resolve()
+    available = sorted(str(p.parent.relative_to(REPO)) for p in REPO.glob("recipes/*/*/train.py"))
+    if not (folder / "train.py").is_file() or not (folder / "hparams").is_dir():
+        raise RecipeError(f"--from {path}: not a recipe (a folder with train.py and hparams/). "
+                          f"Recipes: {', '.join(available)}")
+    families = set(re.findall(r"\b(CTCFamily|WhisperFamily)\b", (folder / "train.py").read_text()))
+    if len(families) != 1:
+        raise RecipeError(f"--from {path}: its train.py names no model family (CTCFamily or "
+                          f"WhisperFamily). Recipes: {', '.join(available)}")
+    yamls = sorted(p.name for p in (folder / "hparams").glob("*.yaml"))
+    if hparams_name is None and len(yamls) == 1:
+        hparams_name = yamls[0]
+    if hparams_name not in yamls:
+        raise RecipeError(f"--hparams {hparams_name}: choose one of {yamls} (in {path}/hparams)")
+    return folder, families.pop(), folder / "hparams" / hparams_name
+
+
+def corpus_manifests(corpus, out):
+    """``{split: manifest path}`` of ``--corpus`` (a single manifest is split into ``out/data``)."""
+    from speechtune.prepare.custom import contract_rows
+
+    corpus = Path(corpus).resolve()
+    if corpus.is_file():
+        rows, header = contract_rows(corpus, "utt", corpus.parent)
+        if len(rows) < 3:
+            raise RecipeError(f"--corpus {corpus}: {len(rows)} utterance(s); at least 3 are "
+                              "needed to split one manifest into train, valid and test.")
+        parts = {"valid": rows[9::20], "test": rows[15::20] or rows[-1:]}
+        parts["valid"] = parts["valid"] or rows[:1]
+        held = {r["ID"] for p in parts.values() for r in p}
+        parts["train"] = [r for r in rows if r["ID"] not in held]
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        for split, split_rows in parts.items():
+            write_csv(out / "data" / f"{split}.csv", split_rows, header)
+        say(f"split {corpus.name}: train {len(parts['train'])}, valid {len(parts['valid'])}, "
+            f"test {len(parts['test'])} utterances (by row, not by speaker) in {out / 'data'}")
+        return {s: out / "data" / f"{s}.csv" for s in SPLITS}
+    if not corpus.is_dir():
+        raise RecipeError(f"--corpus {corpus} does not exist: give {MANIFEST_HELP}, or a folder "
+                          "with train.csv, valid.csv, test.csv (or .jsonl).")
+    if (corpus / "train.tsv").is_file() and (corpus / "clips").is_dir():
+        raise RecipeError(
+            f"--corpus {corpus} is a CommonVoice release; its preparation is not built yet "
+            "(issue #4). Meanwhile convert train.tsv, dev.tsv and test.tsv into train.csv, "
+            "valid.csv and test.csv in that folder with columns audio (clips/<path>), text "
+            "(<sentence>) and speaker (<client_id>), and pass the folder again.")
+    if next(corpus.rglob("*.parquet"), None) is not None:
+        raise RecipeError(
+            f"--corpus {corpus} holds parquet files (a CoRal-style Hugging Face dataset); their "
+            "preparation is not built yet (issue #4). Meanwhile write each utterance's audio to "
+            "a file and a CSV manifest per split with columns audio, text and group columns "
+            "(e.g. dialect, gender), and pass that folder.")
+    found = {}
+    for split in SPLITS:
+        candidates = [corpus / f"{split}.{ext}" for ext in ("csv", "jsonl")]
+        existing = [p for p in candidates if p.is_file()]
+        if len(existing) > 1:
+            raise RecipeError(f"--corpus {corpus}: both {existing[0].name} and "
+                              f"{existing[1].name}; keep one.")
+        if existing:
+            found[split] = existing[0]
+    missing = [s for s in ("train", "valid") if s not in found]
+    if missing:
+        looked = ", ".join(f"{s}.csv/.jsonl" for s in missing)
+        raise RecipeError(f"--corpus {corpus}: no {' or '.join(missing)} manifest (looked for "
+                          f"{looked}). Give {MANIFEST_HELP}.")
+    return found
+
+
+def write_csv(path, rows, header):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def data_root(manifests):
+    """What ``$data_root`` in the manifests stands for: the first of the train manifest's folder
+    and its two parents where the first such audio path exists (else that folder)."""
+    from speechtune.prepare.custom import read_rows
+
+    train = Path(manifests["train"])
+    for _, row in read_rows(train):
+        audio = row.get("audio") or row.get("wav") or ""
+        if audio.startswith("$data_root"):
+            rel = audio[len("$data_root"):].lstrip("/\\")
+            for folder in (train.parent, train.parent.parent, train.parent.parent.parent):
+                if (folder / rel).is_file():
+                    return folder
+            break
+    return train.parent
+
+
+def relative(path, start):
+    """``path`` relative to ``start`` inside one repository checkout, else absolute."""
+    path, start = Path(path).resolve(), Path(start).resolve()
+    inside = [p for p in path.parents if (p / ".git").exists()]
+    if inside and inside[0] in start.parents:
+        return os.path.relpath(path, start)
+    return str(path)
+
+
+def replace_key(lines, key, new):
+    """Replace top-level ``key`` (and its indented continuation lines) by ``new``; drop it when
+    ``new`` is None. Returns whether the key was there."""
+    for i, line in enumerate(lines):
+        if re.match(rf"{re.escape(key)}\s*:", line):
+            end = i + 1
+            while end < len(lines) and (lines[end][:1] in (" ", "\t")):
+                end += 1
+            lines[i:end] = [] if new is None else new
+            return True
+    return False
+
+
+def new_yaml(src_yaml, out_yaml, family, language, manifests, root, name, recipe_name, command):
+    """The source yaml with a new header, language, data keys and output folder."""
+    text = src_yaml.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    src_rel = src_yaml.relative_to(REPO) if REPO in src_yaml.parents else src_yaml
+    model = "a Whisper encoder-decoder, NLL" if family == "WhisperFamily" else "CTC on characters"
+    header = [
+        "# " + "#" * 76,
+        f"# Recipe:  {recipe_name} — {model}, language `{language}`, on your own corpus",
+        "# Data:    one manifest per split (CSV/JSONL; columns in speechtune/prepare/custom.py),",
+        f"#          e.g. train: {manifests['train']}",
+        f"# Model:   as in {src_rel}, copied by tools/new_recipe.py;",
+        "#          comments on timings and sizes below describe that recipe's corpus",
+        f"# Run:     cd {recipe_name} && {command}",
+        "# Override example (other seed, fewer epochs, skip bad training utterances):",
+        f"#          {command} --seed=2 --number_of_epochs=5 --preflight=skip",
+        "# " + "#" * 76,
+    ]
+    body = lines[start:]
+    token = " and Whisper language token" if family == "WhisperFamily" else ""
+    replace_key(body, "language", [f"language: {language}                # text normaliser "
+                                   f"(speechtune.text registry){token}"])
+    rel = {s: relative(p, out_yaml.parent.parent) for s, p in manifests.items()}
+    data = [
+        "# Your corpus (speechtune.prepare.custom): one CSV/JSONL manifest per split, written as",
+        "# contract manifests (ID,duration,wav,spk_id,wrd + group columns) into manifest_folder.",
+        "# Relative audio paths start at each manifest's own folder.",
+        f"data_folder: {relative(root, out_yaml.parent.parent)}   # what $data_root in audio "
+        "paths stands for",
+        f"train_manifest: {rel['train']}",
+        f"valid_manifest: {rel['valid']}",
+        f"test_manifest: {rel.get('test', 'null')}    # null: no test split",
+        "manifest_folder: !ref <output_folder>/manifests",
+    ]
+    for key in CORPUS_KEYS:  # the source corpus's own preparation keys
+        replace_key(body, key, None)
+    if not replace_key(body, "data_folder", data):
+        raise RecipeError(f"{src_yaml} has no data_folder key: copy it by hand.")
+    replace_key(body, "output_folder", [f"output_folder: !ref results/{name}_<language>/<seed>"])
+    text = "\n".join(body)
+    if re.search(r"^\s*text_manifests:", text, re.M):  # the tiny Whisper's BPE
+        text = re.sub(r"^(\s*)text_manifests: .*$",
+                      r"\1text_manifests: [!ref <prepared_train_manifest>]", text, flags=re.M)
+        text = text.replace("manifest_folder: !ref <output_folder>/manifests\n", (
+            "manifest_folder: !ref <output_folder>/manifests\n"
+            "# the tiny Whisper's BPE learns the prepared training text: prepared when the yaml\n"
+            "# loads, since the model is built then (train.py finds it prepared)\n"
+            "prepared_train_manifest: !apply:speechtune.prepare.custom.prepare_manifest\n"
+            "    manifest: !ref <train_manifest>\n"
+            "    out_csv: !ref <manifest_folder>/train.csv\n"
+            "    data_folder: !ref <data_folder>\n"
+            "    split: train\n"), 1)
+    text = re.sub(r"!include:(\S+)", lambda m: "!include:" + relative(
+        (src_yaml.parent / m[1]).resolve(), out_yaml.parent), text)
+    leftover = [line for line in text.splitlines() if "<data_folder>/<language>" in line]
+    if leftover:
+        raise RecipeError(f"{src_yaml}: lines that assume the source corpus layout: {leftover}")
+    return "\n".join(header) + "\n\n" + text.lstrip("\n") + "\n"
+
+
+def train_py(family, recipe_name, yaml_name, source, fork):
+    """A train.py of a few lines: the custom preparation and the family (or its forked Brain)."""
+    module, brain = FAMILIES[family]
+    loop = f"this recipe's {brain} (brain.py)" if fork else f"{module}.{brain}"
+    lines = ["#!/usr/bin/env python3",
+             f'"""{recipe_name}: made by tools/new_recipe.py from {source}.', "",
+             f"    python train.py hparams/{yaml_name}", "",
+             "Preparation: speechtune.prepare.custom (the manifests named in the yaml); the "
+             f"training loop:\n{loop}, on speechtune.brain.FineTuneBrain.", '"""', "",
+             "import sys", ""]
+    if fork:
+        lines += [f"from brain import {brain}  # brain.py beside this file", ""]
+    lines += sorted([f"from {module} import {family}", "from speechtune.recipe import run",
+                     "from speechtune.prepare.custom import prepare_custom"]) + [""]
+    if fork:
+        lines += ["", f"class Family({family}):",
+                  f'    """The {family[:-6]} recipe setup, training with brain.py\'s {brain}."""',
+                  "", f"    brain_class = {brain}", "", ""]
+        family = "Family"
+    lines += ['if __name__ == "__main__":', f"    run(sys.argv[1:], prepare_custom, {family})", ""]
+    return "\n".join(lines)
+
+
+def brain_py(family):
+    """brain.py: the family's Brain class, copied, with the imports it uses."""
+    import importlib
+
+    module_name, class_name = FAMILIES[family]
+    module = importlib.import_module(module_name)
+    class_src = inspect.getsource(getattr(module, class_name))
+    used = {n.id for n in ast.walk(ast.parse(class_src)) if isinstance(n, ast.Name)}
+    imports, local = [], []
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            node.names = [a for a in node.names if (a.asname or a.name).split(".")[0] in used]
+            if node.names:
+                imports.append(ast.unparse(node))
+        elif isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name in used \
+                and node.name != class_name:
+            local.append(node.name)
+    if local:
+        imports.append(f"from {module_name} import {', '.join(sorted(local))}")
+    first = next((i for i, line in enumerate(imports) if line.startswith("from speechtune")), None)
+    if first:  # isort's sections: third-party, then first-party
+        imports.insert(first, "")
+    doc = (f'"""This recipe\'s copy of {module_name}.{class_name}:\nchange its forward pass, '
+           "loss or decoding here.\n\nThe loop it inherits (optimizers, LR schedules, freezing, "
+           "validation, checkpoints) is\nspeechtune.brain.FineTuneBrain: override its methods "
+           'here to change those too.\n"""')
+    return doc + "\n\n" + "\n".join(imports) + "\n\n\n" + class_src
+
+
+def readme(recipe_name, family, language, source, yaml_name, corpus, fork):
+    module, brain = FAMILIES[family]
+    loop = (f"this recipe's `brain.py` (a copy of `{module}.{brain}`)" if fork
+            else f"`{module}.{brain}`, shared by every corpus")
+    return f"""# {recipe_name}: {family[:-6]} fine-tuning, language `{language}`
+
+Made by `tools/new_recipe.py` from `{source}` (`{yaml_name}`) on {date.today().isoformat()}, for
+the corpus in `{corpus}`. Preparation is `speechtune/prepare/custom.py` (the manifests named in
+`hparams/{yaml_name}`); the training loop is {loop}.
+
+```bash
+python train.py hparams/{yaml_name}
+```
+
+## Results
+
+One row per run, numbers from the run's own output (`results/.../train_log.txt`).
+
+| hparams | data | hardware | command | test WER | test CER | date |
+|---|---|---|---|---|---|---|
+"""
+
+
+def check_language(language, family):
+    from speechtune.text import get_normalizer
+
+    try:
+        get_normalizer(language)
+    except ValueError as err:
+        raise RecipeError(f"{err} For this tool and the recipe, register it in "
+                          "speechtune/text.py (add the code to the languages basic_normalize "
+                          "serves if letters, digits and no punctuation fit).") from None
+    if family == "WhisperFamily":
+        from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+        if language not in LANGUAGES:
+            raise RecipeError(f"Whisper has no language token for '{language}'; Whisper "
+                              f"recipes need one of: {', '.join(sorted(LANGUAGES))}")
+
+
+def check_manifests(manifests):
+    """Fail before writing anything on an empty manifest or missing columns."""
+    from speechtune.prepare.custom import ManifestError, columns, read_rows
+
+    for path in manifests.values():
+        rows = read_rows(path)
+        if not rows:
+            raise ManifestError(f"{path}: the corpus manifest has no rows. Fix: {MANIFEST_HELP}.")
+        columns(Path(path), rows)
+
+
+def preflight(out, yaml_rel, family, tmp, overrides):
+    """The recipe's own pre-flight (preparation, vocabulary, data checks) on the new data."""
+    import importlib
+
+    from speechtune.prepare.custom import prepare_custom
+    from speechtune.recipe import build_experiment, load_hparams
+
+    family_cls = getattr(importlib.import_module(FAMILIES[family][0]), family)
+    cwd = os.getcwd()
+    os.chdir(out)  # the yaml's relative paths start at the recipe folder, as for train.py
+    try:
+        hparams, run_opts = load_hparams([yaml_rel, f"--output_folder={tmp}", *overrides])
+        experiment = build_experiment(hparams, run_opts, prepare_custom, family_cls)
+    finally:
+        os.chdir(cwd)
+    for split, dataset in [("train", experiment.train), ("valid", experiment.valid),
+                           *experiment.tests.items()]:
+        seconds = sum(float(dataset.data[i]["duration"]) for i in dataset.data_ids)
+        say(f"  {split}: {len(dataset)} utterances, {seconds / 60:.1f} min")
+    if family == "CTCFamily":
+        chars = [c for c in experiment.brain.tokenizer.lab2ind if c not in ("<blank>", "<unk>")]
+        say(f"CTC vocabulary ({len(chars)} characters + blank + unk): "
+            f"{''.join(chars).replace(' ', '␣')}")
+    else:
+        tok = hparams["whisper"].tokenizer
+        say(f"Whisper prefix: {''.join(tok.convert_ids_to_tokens(tok.prefix_tokens))}")
+
+
+def dry_run(out, yaml_rel, tmp, overrides):
+    """A few batches of training, validation and test (SpeechBrain's --debug)."""
+    env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "0"))
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "train.py", yaml_rel, "--debug", "--debug_batches=2",
+         "--debug_epochs=1", f"--output_folder={tmp}", *overrides],
+        cwd=out, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RecipeError(f"the dry run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    tested = re.findall(r"\[speechtune\] (\S+): WER", proc.stdout)
+    say(f"dry run: 2 training batches, validation and {', '.join(tested) or 'no test'} on 2 "
+        f"batches each, in {time.time() - start:.0f} s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="source", required=True, help="source recipe folder")
+    parser.add_argument("--language", required=True, help="language code, e.g. da, sv, de")
+    parser.add_argument("--corpus", required=True, help="manifest file or folder of manifests")
+    parser.add_argument("--out", required=True, help="new recipe folder")
+    parser.add_argument("--hparams", help="source hparams file name (if it has several)")
+    parser.add_argument("--fork", action="store_true", help="copy the family's Brain too")
+    parser.add_argument("--force", action="store_true", help="overwrite the files it writes")
+    parser.add_argument("--no_dry_run", action="store_true", help="skip the few-batch run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for the pre-flight and dry run only (not written)")
+    args = parser.parse_args(argv)
+    from speechtune.preflight import PreflightError
+    from speechtune.prepare.custom import ManifestError
+
+    out = Path(args.out).resolve()
+    overrides = [f"--{kv}" for kv in args.set]
+    made_out = False
+    try:
+        src, family, src_yaml = source_recipe(args.source, args.hparams)
+        check_language(args.language, family)
+        if out.exists() and not args.force:
+            raise RecipeError(f"--out {args.out} exists; pass --force to overwrite the recipe "
+                              "files in it (results are kept), or choose another folder.")
+        made_out = not out.exists()
+        manifests = corpus_manifests(args.corpus, out)
+        check_manifests(manifests)
+        root = data_root(manifests)
+        recipe_name = str(out.relative_to(REPO)) if REPO in out.parents else str(out)
+        source = str(src.relative_to(REPO)) if REPO in src.parents else str(src)
+        yaml_rel = f"hparams/{src_yaml.name}"
+        (out / "hparams").mkdir(parents=True, exist_ok=True)
+        (out / yaml_rel).write_text(new_yaml(
+            src_yaml, out / yaml_rel, family, args.language, manifests, root, src_yaml.stem,
+            recipe_name, f"python train.py {yaml_rel}"), encoding="utf-8")
+        (out / "train.py").write_text(train_py(family, recipe_name, src_yaml.name, source,
+                                               args.fork), encoding="utf-8")
+        (out / "README.md").write_text(readme(recipe_name, family, args.language, source,
+                                              src_yaml.name, args.corpus, args.fork),
+                                       encoding="utf-8")
+        if args.fork:
+            (out / "brain.py").write_text(brain_py(family), encoding="utf-8")
+        made_out = False  # the recipe exists now: kept whatever the checks say
+        written = ["train.py", yaml_rel, "README.md", *(["brain.py"] if args.fork else [])]
+        say(f"wrote {recipe_name}/: {', '.join(written)} (from {source}, {family}, "
+            f"language {args.language}; $data_root = {root})")
+        with tempfile.TemporaryDirectory(prefix="new_recipe_") as tmp:
+            say("pre-flight on the new data:")
+            preflight(out, yaml_rel, family, str(Path(tmp) / "preflight"), overrides)
+            if not args.no_dry_run:
+                dry_run(out, yaml_rel, str(Path(tmp) / "dry_run"), overrides)
+    except (RecipeError, ManifestError, PreflightError) as err:
+        if made_out and out.exists():
+            shutil.rmtree(out)
+        kept = "" if made_out or not (out / "train.py").exists() else (
+            f"\n(The recipe in {out} is written; fix the data, then run its train.py or this "
+            "command again with --force.)")
+        print(f"[new_recipe] error: {err}{kept}", file=sys.stderr)
+        return 2
+    say(f"next: cd {recipe_name} && python train.py {yaml_rel}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
