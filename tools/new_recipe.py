@@ -85,6 +85,8 @@ def corpus_manifests(corpus, out):
         held = {r["ID"] for p in parts.values() for r in p}
         parts["train"] = [r for r in rows if r["ID"] not in held]
         (out / "data").mkdir(parents=True, exist_ok=True)
+        for row in rows:  # relative to out/data inside one checkout (the recipe can move)
+            row["wav"] = relative(row["wav"], out / "data")
         for split, split_rows in parts.items():
             write_csv(out / "data" / f"{split}.csv", split_rows, header)
         say(f"split {corpus.name}: train {len(parts['train'])}, valid {len(parts['valid'])}, "
@@ -150,7 +152,7 @@ def data_root(manifests):
 
 def relative(path, start):
     """``path`` relative to ``start`` inside one repository checkout, else absolute."""
-    path, start = Path(path).resolve(), Path(start).resolve()
+    path, start = Path(os.path.abspath(path)), Path(os.path.abspath(start))
     inside = [p for p in path.parents if (p / ".git").exists()]
     if inside and inside[0] in start.parents:
         return os.path.relpath(path, start)

@@ -1,0 +1,190 @@
+"""tools/new_recipe.py: a recipe for a new language that trains, a forked Brain, clear errors."""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe, write_subset
+
+TOOL = REPO / "tools" / "new_recipe.py"
+CTC, WHISPER = "recipes/Synthetic/CTC", "recipes/Synthetic/Whisper"
+MICRO_CTC = f"tiny_encoder={json.dumps(MICRO_ENCODER)}"
+MICRO_WH = f"tiny_whisper={json.dumps(MICRO_WHISPER)}"
+
+
+def new_recipe(*args, check=True):
+    """Run the tool in a subprocess (it loads a yaml and trains: keep pytest's process clean)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, str(TOOL), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"new_recipe failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("new_recipe", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def small_da(tmp_path):
+    """A Danish corpus folder: train/valid/test.csv, absolute audio paths."""
+    return write_subset(SYNTHETIC / "da", tmp_path / "corpus", {"train": 40, "valid": 8,
+                                                                "test": 8})
+
+
+@pytest.mark.recipe
+def test_danish_ctc_recipe_from_the_bundled_data_trains_one_epoch(tmp_path):
+    out = tmp_path / "MyDanish" / "CTC"
+    proc = new_recipe("--from", CTC, "--language", "da", "--corpus", "recipes/Synthetic/data/da",
+                      "--out", str(out), "--no_dry_run", "--set", MICRO_CTC, "--set", "device=cpu")
+    log = proc.stdout
+    assert f"$data_root = {SYNTHETIC}" in log  # found for the bundled manifests
+    assert "train: 267 utterances" in log and "test: 30 utterances" in log
+    vocab = re.search(r"CTC vocabulary \(\d+ characters \+ blank \+ unk\): (\S+)", log)[1]
+    assert {"æ", "ø", "å", "␣"} <= set(vocab) and not re.search("[A-Z.,]", vocab)
+
+    yaml = (out / "hparams" / "wavlm_tiny.yaml").read_text(encoding="utf-8")
+    head = yaml.split("\n\n")[0]  # the header the hparams tests ask of every recipe
+    assert "# Recipe:" in head and "# Run:" in head and "python train.py" in head
+    assert "Override example" in head
+    assert re.search(r"^language: da\b", yaml, re.M)
+    assert re.search(rf"^train_manifest: {SYNTHETIC}/da/train.csv$", yaml, re.M)
+    train_py = (out / "train.py").read_text()
+    assert "run(sys.argv[1:], prepare_custom, CTCFamily)" in train_py
+    assert len(train_py.splitlines()) < 25 and "def " not in train_py  # no training loop
+    assert "| hparams | data | hardware | command | test WER | test CER | date |" in (
+        out / "README.md").read_text()
+
+    # one epoch on the first 60 training utterances (a yaml key like any other: overridable)
+    lines = (SYNTHETIC / "da" / "train.csv").read_text(encoding="utf-8").splitlines(True)
+    (tmp_path / "train60.csv").write_text("".join(lines[:61]), encoding="utf-8")  # $data_root
+    results = tmp_path / "results"
+    proc = run_recipe(out, ["hparams/wavlm_tiny.yaml", "--number_of_epochs=1",
+                            f"--train_manifest={tmp_path / 'train60.csv'}",
+                            f"--output_folder={results}", f"--{MICRO_CTC}", "--device=cpu"])
+    assert re.search(r"test: WER \d+\.\d+%  CER \d+\.\d+%", proc.stdout), proc.stdout[-2000:]
+    assert re.search("[æøå]", (results / "save" / "label_encoder.txt").read_text())
+    manifest = (results / "manifests" / "train.csv").read_text(encoding="utf-8")
+    assert manifest.startswith("ID,duration,wav,spk_id,wrd,voice,gender\n")
+    assert manifest.count("\n") == 61 and f"{SYNTHETIC}/da/wav/da_train_0000.flac" in manifest
+    assert (results / "manifests" / "test.csv").read_text().count("\n") == 31
+
+
+@pytest.mark.recipe
+def test_fork_copies_the_brain_and_train_py_uses_the_copy(tmp_path, small_da):
+    out = tmp_path / "Forked" / "CTC"
+    new_recipe("--from", CTC, "--language", "da", "--corpus", str(small_da), "--out", str(out),
+               "--fork", "--no_dry_run", "--set", MICRO_CTC)  # the Whisper test runs a dry run
+    brain = (out / "brain.py").read_text()
+    assert "class CTCBrain(FineTuneBrain):" in brain and "def compute_objectives" in brain
+    assert "from brain import CTCBrain" in (out / "train.py").read_text()
+    # a change to the copy shows in the run: train.py trains with it
+    brain = brain.replace('        """CTC loss in fp32 outside autocast; WER/CER in valid/test."""',
+                          '        """CTC loss."""\n        print("FORKED-BRAIN", stage)', 1)
+    (out / "brain.py").write_text(brain)
+    proc = run_recipe(out, ["hparams/wavlm_tiny.yaml", "--number_of_epochs=1", "--device=cpu",
+                            f"--output_folder={tmp_path / 'results'}", f"--{MICRO_CTC}"])
+    assert "FORKED-BRAIN Stage.TRAIN" in proc.stdout and "FORKED-BRAIN Stage.TEST" in proc.stdout
+    assert re.search(r"test: WER \d+\.\d+%", proc.stdout)
+
+
+@pytest.mark.recipe
+def test_whisper_recipe_passes_preflight_and_a_dry_run(tmp_path, small_da):
+    out = tmp_path / "MyDanish" / "Whisper"
+    proc = new_recipe("--from", WHISPER, "--language", "da", "--corpus", str(small_da),
+                      "--out", str(out), "--set", MICRO_WH, "--set", "device=cpu")
+    assert "Whisper prefix: <|startoftranscript|><|da|><|transcribe|>" in proc.stdout
+    # the dry run is train.py itself: the yaml prepared the training text when it loaded and
+    # trained the tiny Whisper's BPE on it
+    assert re.search(r"dry run: 2 training batches, validation and test", proc.stdout)
+    yaml = (out / "hparams" / "whisper_tiny.yaml").read_text()
+    assert "text_manifests: [!ref <prepared_train_manifest>]" in yaml
+    assert "<data_folder>/<language>" not in yaml
+
+
+def test_one_jsonl_manifest_is_split_with_paths_relative_in_a_checkout(tmp_path):
+    (tmp_path / ".git").mkdir()  # a repository checkout: paths in the yaml stay relative
+    corpus = write_subset(SYNTHETIC / "da", tmp_path / "sv", {"train": 40})
+    lines = (corpus / "train.csv").read_text(encoding="utf-8").splitlines()[1:]
+    rows = [dict(zip(["id", "duration", "audio", "speaker", "text"], line.split(","),
+                     strict=False)) for line in lines]
+    for row in rows:
+        (corpus / "clips").mkdir(exist_ok=True)
+        shutil.copy(row["audio"], corpus / "clips")
+        row["audio"] = "clips/" + os.path.basename(row["audio"])  # relative to the manifest
+        del row["duration"]
+    (corpus / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "recipes" / "MySwedish" / "CTC"
+    proc = new_recipe("--from", CTC, "--language", "sv", "--corpus", str(corpus / "all.jsonl"),
+                      "--out", str(out), "--no_dry_run", "--set", MICRO_CTC)
+    assert "train 36, valid 2, test 2 utterances" in proc.stdout
+    assert "train: 36 utterances" in proc.stdout  # the pre-flight read the split
+    yaml = (out / "hparams" / "wavlm_tiny.yaml").read_text()
+    assert re.search(r"^train_manifest: data/train.csv$", yaml, re.M)
+    assert re.search(r"^data_folder: data ", yaml, re.M)
+    split = (out / "data" / "valid.csv").read_text().splitlines()
+    assert split[1].split(",")[2] == f"../../../../sv/clips/{rows[9]['id']}.flac"
+    assert re.search(r"^language: sv\b", yaml, re.M)
+    assert "!include:../../../../" not in yaml  # points at the repository's augment.yaml
+    assert f"!include:{REPO}/hparams/augment.yaml" in yaml
+
+
+def run_tool(tool, capsys, *args):
+    code = tool.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_unknown_source_recipe(tool, capsys, tmp_path):
+    code, err = run_tool(tool, capsys, "--from", "recipes/Nope/CTC", "--language", "da",
+                         "--corpus", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert code == 2 and "recipes/Nope/CTC: not a recipe" in err
+    assert "recipes/Synthetic/CTC" in err  # lists the recipes there are
+    assert not (tmp_path / "out").exists()
+
+
+def test_language_without_a_normaliser(tool, capsys, tmp_path, small_da):
+    code, err = run_tool(tool, capsys, "--from", CTC, "--language", "xx", "--corpus",
+                         str(small_da), "--out", str(tmp_path / "out"))
+    assert code == 2 and "No text normaliser for language 'xx'" in err
+    assert "register_normalizer('xx')" in err and "speechtune/text.py" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("files,message", [
+    ({}, r"no train or valid manifest \(looked for train.csv/.jsonl, valid.csv/.jsonl\)"),
+    ({"train.csv": "audio,text\n", "valid.csv": "audio,text\na.wav,hej\n"},
+     r"train.csv: the corpus manifest has no rows"),
+    ({"train.jsonl": "", "valid.jsonl": ""}, r"train.jsonl: the corpus manifest has no rows"),
+    ({"train.csv": "file,words\na,b\n", "valid.csv": "a,b\n"}, r"no `audio` or `wav`"),
+    ({"train.tsv": "", "clips/x": ""}, r"CommonVoice release.*not built yet \(issue #4\).*"
+                                       r"train.csv.*columns audio \(clips/<path>\)"),
+    ({"data/read_aloud/train-0.parquet": ""}, r"parquet.*not built yet \(issue #4\).*CSV"),
+])
+def test_empty_or_unsupported_corpus(tool, capsys, tmp_path, files, message):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, text in files.items():
+        (corpus / name).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / name).write_text(text)
+    code, err = run_tool(tool, capsys, "--from", CTC, "--language", "da", "--corpus",
+                         str(corpus), "--out", str(tmp_path / "out"))
+    assert code == 2 and re.search(message, err, re.S), err
+    assert not (tmp_path / "out").exists()  # nothing half-made is left behind
+
+
+def test_existing_out_needs_force(tool, capsys, tmp_path, small_da):
+    (tmp_path / "out").mkdir()
+    code, err = run_tool(tool, capsys, "--from", CTC, "--language", "da", "--corpus",
+                         str(small_da), "--out", str(tmp_path / "out"))
+    assert code == 2 and "exists; pass --force" in err
+    assert list((tmp_path / "out").iterdir()) == []
