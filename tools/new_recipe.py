@@ -66,7 +66,8 @@ def source_recipe(path, hparams_name):
     if hparams_name is None and len(yamls) == 1:
         hparams_name = yamls[0]
     if hparams_name not in yamls:
-        raise RecipeError(f"--hparams {hparams_name}: choose one of {yamls} (in {path}/hparams)")
+        given = "no --hparams" if hparams_name is None else f"--hparams {hparams_name}"
+        raise RecipeError(f"{given}: pass one of {yamls} (in {path}/hparams)")
     return folder, families.pop(), folder / "hparams" / hparams_name
 
 
@@ -177,13 +178,14 @@ def new_yaml(src_yaml, out_yaml, family, language, manifests, root, name, recipe
     text = src_yaml.read_text(encoding="utf-8")
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    rel = {s: relative(p, out_yaml.parent.parent) for s, p in manifests.items()}
     src_rel = src_yaml.relative_to(REPO) if REPO in src_yaml.parents else src_yaml
     model = "a Whisper encoder-decoder, NLL" if family == "WhisperFamily" else "CTC on characters"
     header = [
         "# " + "#" * 76,
         f"# Recipe:  {recipe_name} — {model}, language `{language}`, on your own corpus",
         "# Data:    one manifest per split (CSV/JSONL; columns in speechtune/prepare/custom.py),",
-        f"#          e.g. train: {manifests['train']}",
+        f"#          train: {rel['train']} (keys under data_folder below)",
         f"# Model:   as in {src_rel}, copied by tools/new_recipe.py;",
         "#          comments on timings and sizes below describe that recipe's corpus",
         f"# Run:     cd {recipe_name} && {command}",
@@ -195,7 +197,6 @@ def new_yaml(src_yaml, out_yaml, family, language, manifests, root, name, recipe
     token = " and Whisper language token" if family == "WhisperFamily" else ""
     replace_key(body, "language", [f"language: {language}                # text normaliser "
                                    f"(speechtune.text registry){token}"])
-    rel = {s: relative(p, out_yaml.parent.parent) for s, p in manifests.items()}
     data = [
         "# Your corpus (speechtune.prepare.custom): one CSV/JSONL manifest per split, written as",
         "# contract manifests (ID,duration,wav,spk_id,wrd + group columns) into manifest_folder.",
