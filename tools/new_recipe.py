@@ -427,7 +427,9 @@ def main(argv=None):
         made_out = False  # the recipe exists now: kept whatever the checks say
         written = ["train.py", yaml_rel, "README.md", *(["brain.py"] if args.fork else [])]
         say(f"wrote {recipe_name}/: {', '.join(written)} (from {source}, {family}, "
-            f"language {args.language}; $data_root = {root})")
+            f"language {args.language})")
+        if "$data_root" in Path(manifests["train"]).read_text(encoding="utf-8"):
+            say(f"$data_root in the manifests' audio paths = {root} (data_folder in the yaml)")
         with tempfile.TemporaryDirectory(prefix="new_recipe_") as tmp:
             say("pre-flight on the new data:")
             preflight(out, yaml_rel, family, str(Path(tmp) / "preflight"), overrides)
