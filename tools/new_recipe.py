@@ -23,6 +23,7 @@ CTC character vocabulary (or Whisper's prefix tokens) and trains a few batches (
 import argparse
 import ast
 import inspect
+import logging
 import os
 import re
 import shutil
@@ -349,6 +350,7 @@ def preflight(out, yaml_rel, family, tmp, overrides):
     os.chdir(out)  # the yaml's relative paths start at the recipe folder, as for train.py
     try:
         hparams, run_opts = load_hparams([yaml_rel, f"--output_folder={tmp}", *overrides])
+        logging.getLogger("speechbrain").setLevel(logging.WARNING)  # keep our summary readable
         experiment = build_experiment(hparams, run_opts, prepare_custom, family_cls)
     finally:
         os.chdir(cwd)
