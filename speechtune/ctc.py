@@ -80,6 +80,7 @@ class CTCFamily:
     """Recipe setup of the CTC family (used by ``speechtune.recipe.build_experiment``)."""
 
     brain_class = CTCBrain
+    name = "ctc"
 
     def __init__(self, hparams):
         self.hparams = hparams
@@ -113,6 +114,18 @@ class CTCFamily:
         brain.tokenizer = self.tokenizer
         brain.valid_decoder = GreedyDecoder(self.tokenizer, self.hparams["blank_index"])
         check_decoding(self.hparams)
+
+    def inference_settings(self):
+        """What an exported model needs besides its weights (``tools/checkpoints.py export``)."""
+        hp = self.hparams
+        return {"language": hp["language"], "sample_rate": hp["sample_rate"],
+                "blank_index": hp["blank_index"], "decoding": hp["decoding"]}
+
+    def save_model_files(self, folder):
+        """The encoder's HF config and feature extractor (the vocabulary is label_encoder.txt)."""
+        encoder = self.hparams["encoder"]
+        encoder.model.config.save_pretrained(folder)
+        encoder.feature_extractor.save_pretrained(folder)
 
     def add_pipelines(self, datasets):
         """``sig`` and ``tokens`` (character ids of the normalised ``words``)."""

@@ -4,6 +4,9 @@ A recipe's ``train.py`` only supplies its corpus preparation (``prepare(hparams)
 everything else, identical for every corpus, lives here.
 """
 
+import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,11 +114,26 @@ def build_experiment(hparams, run_opts, prepare, family):
 
     brain = setup.brain_class(modules=setup.modules(), hparams=hparams, run_opts=run_opts,
                               checkpointer=hparams["checkpointer"])
+    run_on_main(record_run, args=[hparams, setup])
     setup.configure(brain)
     loader_kwargs = {"train": _loader_kwargs(hparams, train, "train"),
                      "valid": _loader_kwargs(hparams, valid, "valid")}
     loader_kwargs.update({name: _loader_kwargs(hparams, ds, "test") for name, ds in tests.items()})
     return Experiment(brain, train, valid, tests, loader_kwargs)
+
+
+def record_run(hparams, setup):
+    """Write what the tools need to evaluate and export this run without its yaml:
+    ``<output_folder>/run.json`` (the command that trains it, from where, the family's inference
+    settings) and ``<save_folder>/model_files/`` (the model's HF config, feature extractor and
+    tokenizer files; the weights are in the checkpoints)."""
+    run_file = Path(hparams["output_folder"]) / "run.json"
+    info = {"family": setup.name, "script": str(Path(sys.argv[0]).resolve()),
+            "cwd": os.getcwd(), "argv": sys.argv[1:], **setup.inference_settings()}
+    tmp = run_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=1, ensure_ascii=False))
+    os.replace(tmp, run_file)
+    setup.save_model_files(Path(hparams["save_folder"]) / "model_files")
 
 
 def run(argv, prepare, family):

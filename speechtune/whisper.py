@@ -164,6 +164,7 @@ class WhisperFamily:
     """Recipe setup of the Whisper family (used by ``speechtune.recipe.build_experiment``)."""
 
     brain_class = WhisperBrain
+    name = "whisper"
 
     def __init__(self, hparams):
         self.hparams = hparams
@@ -223,6 +224,23 @@ class WhisperFamily:
         brain.tokenizer = self.tokenizer
         brain.score_normalize = self.score_normalize
         brain.encoder_cache = self.encoder_cache
+
+    def inference_settings(self):
+        """What an exported model needs besides its weights: language, task and the test
+        searcher's settings (``tools/checkpoints.py export``)."""
+        search = self.hparams["test_search"]
+        settings = {"beam_size": getattr(search, "beam_size", 1)}
+        for key in ("min_decode_ratio", "max_decode_ratio", "length_normalization",
+                    "using_eos_threshold", "eos_threshold"):
+            if hasattr(search, key):
+                settings[key] = getattr(search, key)
+        return {"language": self.hparams["language"], "task": self.whisper.task,
+                "sample_rate": self.hparams["sample_rate"], "test_search": settings}
+
+    def save_model_files(self, folder):
+        """Whisper's HF config, tokenizer and feature extractor."""
+        for part in (self.whisper.model.config, self.tokenizer, self.whisper.feature_extractor):
+            part.save_pretrained(folder)
 
     def set_texts(self, rows):
         """``words``: the scoring reference; ``target``: what the decoder learns to write."""

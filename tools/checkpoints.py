@@ -1,7 +1,10 @@
-"""A run's checkpoints: list them with their metadata, or name the best by validation WER.
+"""A run's checkpoints: list, pick the best, average the best k, export to a model folder.
 
-    python tools/checkpoints.py list recipes/Synthetic/CTC/results/wavlm_tiny_en/1986
-    python tools/checkpoints.py best recipes/Synthetic/CTC/results/wavlm_tiny_en/1986
+    RUN=recipes/Synthetic/CTC/results/wavlm_tiny_en/1986
+    python tools/checkpoints.py list $RUN
+    python tools/checkpoints.py best $RUN
+    python tools/checkpoints.py average $RUN -k 3          # score the average on valid and test
+    python tools/checkpoints.py export $RUN exported/ [--average 3 | --checkpoint CKPT+...]
 
 ``RUN`` is a run's output folder (its checkpoints are in ``RUN/save``) or the save folder itself.
 ``list`` prints one row per checkpoint (name, valid WER and CER, epoch, optimizer step, whether it
@@ -9,10 +12,19 @@ was written at an epoch end, when), oldest first, the best-WER one marked; ``--j
 same as JSON lines. ``best`` prints the path of the lowest-WER checkpoint, the one ``train.py``
 tests and the one to ship. The checkpoints are read with SpeechBrain's ``Checkpointer``, the
 class that wrote them.
+
+``average`` reruns the run's own training command (recorded in ``RUN/run.json``) with
+``--average_best=K``: on a finished run that only evaluates, averaging the K best checkpoints
+with SpeechBrain's ``average_checkpoints`` and scoring the average on valid and test like any
+checkpoint (``wer_<split>.txt`` and ``train_log.txt`` then hold the average's results).
+``export`` writes a self-contained folder that loads offline with SpeechBrain's ``EncoderASR`` /
+``WhisperASR`` and with transformers' ``from_pretrained`` (``speechtune.export``), with a README
+card; ``tools/transcribe.py`` decodes audio with it.
 """
 
 import argparse
 import json
+import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +80,29 @@ def table(items):
     return "\n".join(lines)
 
 
+def evaluate_average(run, k):
+    """Rerun the run's training command with ``--average_best=k`` (it only evaluates a finished
+    run) and print the average's valid and test lines."""
+    from speechtune.export import read_run
+
+    out, save, info = read_run(run)
+    scored = [r for r in rows(save) if r["WER"] is not None]
+    if k < 2 or k > len(scored):
+        raise SystemExit(f"-k {k}: {out} keeps {len(scored)} checkpoint(s) with a valid WER; "
+                         "average 2 to that many (more need num_to_keep >= k in the yaml)")
+    argv = [a for a in info["argv"] if not a.startswith("--average_best")]
+    command = [sys.executable, info["script"], *argv, f"--average_best={k}"]
+    print("running:", " ".join(command[1:]), f"(in {info['cwd']})", flush=True)
+    done = subprocess.run(command, cwd=info["cwd"], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-5000:])
+        raise SystemExit(f"the evaluation failed (exit {done.returncode}); output above")
+    for line in done.stdout.splitlines():
+        if line.startswith("[speechtune]"):
+            print(line)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,7 +111,29 @@ def main(argv=None):
     listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     best = sub.add_parser("best", help="the path of the lowest-WER checkpoint")
     best.add_argument("run", help="the run's output folder (or its save folder)")
+    average = sub.add_parser("average", help="score the average of the k best on valid/test")
+    average.add_argument("run", help="the run's output folder")
+    average.add_argument("-k", type=int, required=True, help="how many best checkpoints")
+    export = sub.add_parser("export", help="export a checkpoint (or an average) to a folder")
+    export.add_argument("run", help="the run's output folder")
+    export.add_argument("out", help="the folder to write (must not exist, unless --force)")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="a CKPT+... name (default: the best by valid WER)")
+    which.add_argument("--average", type=int, default=1,
+                       help="export the average of the k best checkpoints")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
+
+    if args.command == "average":
+        return evaluate_average(args.run, args.k)
+    if args.command == "export":
+        from speechtune.export import export as export_run
+
+        summary = export_run(args.run, args.out, args.checkpoint, args.average, args.force)
+        names = ", ".join(c["name"] for c in summary["checkpoints"])
+        print(f"exported {summary['model_class']} from {names} to {args.out} "
+              f"(card: {args.out}/README.md)")
+        return 0
 
     if args.command == "list":
         items = rows(args.run)

@@ -1,0 +1,220 @@
+"""Average and export a finished recipe run; the export loads offline in a fresh process, through
+SpeechBrain and transformers, and transcribes the test split exactly as the run did."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe, write_subset
+
+CTC = REPO / "recipes" / "Synthetic" / "CTC"
+WHISPER = REPO / "recipes" / "Synthetic" / "Whisper"
+TOOLS = REPO / "tools"
+
+# a fresh interpreter with the network off: offline flags, and any socket connection fails
+NO_NETWORK = """
+import socket, sys
+def refuse(*args, **kwargs):
+    raise OSError("network access in an offline test")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+"""
+
+
+def offline_python(code, *args, timeout=600):
+    done = subprocess.run([sys.executable, "-c", NO_NETWORK + code, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                               "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def tool(name, *args):
+    done = subprocess.run([sys.executable, str(TOOLS / name), *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def hypotheses(wer_file):
+    """``{utterance id: hypothesis words}`` from a run's ``wer_<split>.txt`` alignments."""
+    lines = wer_file.read_text(encoding="utf-8").splitlines()
+    found = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\S+), %WER", line)
+        if m and i + 3 < len(lines):
+            words = [w.strip() for w in lines[i + 3].split(";")]
+            found[m[1]] = [w for w in words if w and w != "<eps>"]
+    return found
+
+
+def split_files(data, language="en"):
+    """(ids, audio paths) of the fixture's test split."""
+    import csv
+
+    with open(data / language / "test.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r["ID"] for r in rows], [r["wav"] for r in rows]
+
+
+def recipe_run(tmp_path_factory, recipe, args):
+    data = tmp_path_factory.mktemp("data")
+    write_subset(SYNTHETIC / "en", data / "en", {"train": 16, "valid": 6, "test": 10})
+    out = tmp_path_factory.mktemp("run")
+    run_recipe(recipe, [*args, f"--data_folder={data}", f"--output_folder={out}",
+                        "--max_batch_seconds=12", "--eval_batch_size=4", "--device=cpu"])
+    return data, out
+
+
+@pytest.fixture(scope="module")
+def ctc_run(tmp_path_factory):
+    """An almost untrained micro WavLM: its greedy transcripts are long strings of characters,
+    which any difference in features or decoding would change."""
+    return recipe_run(tmp_path_factory, CTC, [
+        "hparams/wavlm_tiny.yaml", f"--tiny_encoder={json.dumps(MICRO_ENCODER)}",
+        "--number_of_epochs=1", "--valid_every_steps=3", "--lr_encoder=1e-6", "--lr_head=1e-6"])
+
+
+@pytest.fixture(scope="module")
+def whisper_run(tmp_path_factory):
+    """A micro Whisper trained for 20 steps: it writes a frequent word over and over (untrained,
+    it writes ids beyond its small tokenizer, which decode to nothing)."""
+    return recipe_run(tmp_path_factory, WHISPER, [
+        "hparams/whisper_tiny.yaml", f"--tiny_whisper={json.dumps(MICRO_WHISPER)}",
+        "--number_of_epochs=4", "--lr=0.005", "--warmup_steps=2"])
+
+
+def transcribe_split(export, data, batch_size):
+    ids, wavs = split_files(data)
+    listing = export.parent / f"{export.name}_list.txt"
+    listing.write_text("\n".join(wavs))
+    out = export.parent / f"{export.name}_{batch_size}.jsonl"
+    tool("transcribe.py", export, listing, "--out", out, "--batch_size", batch_size, "--quiet")
+    texts = {json.loads(line)["audio"]: json.loads(line)["text"]
+             for line in out.read_text().splitlines()}
+    return {i: texts[w] for i, w in zip(ids, wavs, strict=True)}
+
+
+def test_ctc_average_and_export_transcribe_the_test_split_as_the_run_did(ctc_run, tmp_path):
+    data, run = ctc_run
+    # average: the run's command reruns with --average_best and only evaluates
+    printed = tool("checkpoints.py", "average", run, "-k", "2")
+    assert re.search(r"\[speechtune\] valid: WER [0-9.]+%", printed), printed
+    # what it prints is what the run logged for the average (valid, then test)
+    logged = [line for line in (run / "train_log.txt").read_text().splitlines()
+              if "averaged" in line]
+    assert [re.search(r"split: (\w+)", line)[1] for line in logged[-2:]] == ["valid", "test"]
+    for line in logged[-2:]:
+        split, wer = re.search(r"split: (\w+).* \w+ WER: ([0-9.e+]+)", line).groups()
+        shown = re.search(rf"\[speechtune\] {split}: WER ([0-9.]+)%", printed)[1]
+        assert float(shown) == pytest.approx(float(wer), rel=1e-2)
+    ran = hypotheses(run / "wer_test.txt")
+    assert sum(len(h) for h in ran.values()) >= 10  # not all empty: the comparison means something
+
+    export = tmp_path / "exported"
+    tool("checkpoints.py", "export", run, export, "--average", "2")
+    card = (export / "README.md").read_text()
+    assert "average of the 2 best" in card and "python train.py hparams/wavlm_tiny.yaml" in card
+    for batch_size in (4, 1):  # the run's batches, and one file at a time
+        decoded = transcribe_split(export, data, batch_size)
+        assert {i: t.split() for i, t in decoded.items()} == ran, batch_size
+
+    # transformers: WavLMForCTC + processor give the same transcripts
+    ids, wavs = split_files(data)
+    hf = json.loads(offline_python("""
+import json
+import torch
+from transformers import AutoModelForCTC, AutoProcessor
+from speechtune.data import load_audio
+model = AutoModelForCTC.from_pretrained(sys.argv[1]).eval()
+processor = AutoProcessor.from_pretrained(sys.argv[1])
+texts = []
+for wav in sys.argv[2:]:
+    inputs = processor(load_audio(wav, 16000).numpy(), sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        ids = model(**inputs).logits.argmax(-1)
+    texts.append(processor.batch_decode(ids)[0])
+print(json.dumps(texts))
+""", export, *wavs).splitlines()[-1])
+    assert {i: t.split() for i, t in zip(ids, hf, strict=True)} == ran
+
+
+def test_export_moves_and_loads_offline_in_a_fresh_process(ctc_run, tmp_path):
+    _, run = ctc_run
+    tool("checkpoints.py", "export", run, tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "moved")  # hyperparams.yaml still names the old place
+    printed = offline_python("""
+from speechtune.export import load_asr
+asr = load_asr(sys.argv[1])
+print(type(asr).__name__, repr(asr.transcribe_file(sys.argv[2])))
+""", tmp_path / "moved", SYNTHETIC / "en" / "wav" / "en_test_0623.flac")
+    assert printed.splitlines()[-1].startswith("EncoderASR '")
+
+
+def test_whisper_export_transcribes_the_test_split_as_the_run_did(whisper_run, tmp_path):
+    data, run = whisper_run
+    export = tmp_path / "exported"
+    tool("checkpoints.py", "export", run, export)
+    ran = hypotheses(run / "wer_test.txt")
+    assert sum(len(h) for h in ran.values()) >= 10
+
+    from speechtune.whisper import scoring_normalizer
+
+    normalize = scoring_normalizer("en", None)
+    decoded = transcribe_split(export, data, 4)
+    assert {i: normalize(t).split() for i, t in decoded.items()} == ran
+
+    # transformers: WhisperForConditionalGeneration gives SpeechBrain's decoder logits on the
+    # language/task prefix (same weights, features, tied output projection), and its greedy
+    # generate writes what SpeechBrain's greedy searcher writes (same prefix and stopping)
+    ids, wavs = split_files(data)
+    pairs = json.loads(offline_python("""
+import json
+import torch
+from speechbrain.decoders.seq2seq import S2SWhisperGreedySearcher
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
+from speechtune.data import load_audio
+from speechtune.export import load_asr
+model = WhisperForConditionalGeneration.from_pretrained(sys.argv[1]).eval()
+processor = WhisperProcessor.from_pretrained(sys.argv[1])
+asr = load_asr(sys.argv[1])
+greedy = S2SWhisperGreedySearcher(model=asr.mods.whisper, min_decode_ratio=0.0,
+                                  max_decode_ratio=0.25)
+prefix = torch.tensor([asr.mods.whisper.tokenizer.prefix_tokens])
+pairs = []
+for wav in sys.argv[2:]:
+    sig = load_audio(wav, 16000)
+    feats = processor(sig.numpy(), sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        hf_logits = model(input_features=feats, decoder_input_ids=prefix).logits
+        enc = asr.encode_batch(sig[None], torch.ones(1))
+        sb_logits = asr.mods.whisper.forward_decoder(enc, prefix, use_cache=False)[0]
+        hf_ids = model.generate(feats, num_beams=1, max_new_tokens=50)
+        sb_ids = greedy(enc, torch.ones(1))[0]
+    pairs.append([(hf_logits - sb_logits).abs().max().item(),
+                  processor.batch_decode(hf_ids, skip_special_tokens=True)[0].strip(),
+                  asr.tokenizer.decode(sb_ids[0], skip_special_tokens=True).strip()])
+print(json.dumps(pairs))
+""", export, *wavs).splitlines()[-1])
+    assert max(diff for diff, _, _ in pairs) < 1e-3
+    assert [hf for _, hf, _ in pairs] == [sb for _, _, sb in pairs]
+    assert any(sb for _, _, sb in pairs)  # greedy stops at once on some; never on all
+
+
+def test_bad_export_arguments_are_named(ctc_run, tmp_path):
+    _, run = ctc_run
+    for args, message in [
+        ((tmp_path, tmp_path / "x"), "no run.json"),
+        ((run, tmp_path / "x", "--checkpoint", "CKPT+nope"), "no checkpoint CKPT+nope"),
+        ((run, tmp_path / "x", "--average", "50"), "--average 50 but"),
+    ]:
+        done = subprocess.run([sys.executable, str(TOOLS / "checkpoints.py"), "export", *map(
+            str, args)], capture_output=True, text=True)
+        assert done.returncode != 0 and message in done.stderr, done.stderr
+    (tmp_path / "taken").mkdir()
+    done = subprocess.run([sys.executable, str(TOOLS / "checkpoints.py"), "export", str(run),
+                           str(tmp_path / "taken")], capture_output=True, text=True)
+    assert "pass --force" in done.stderr
