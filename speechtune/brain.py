@@ -11,10 +11,12 @@ optimizer trains (``parameter_groups``); the rest is here, once:
 - validation at epoch ends and every ``valid_every_steps`` optimizer steps, each followed by a
   checkpoint that keeps the best WER and the latest ``num_to_keep``;
 - the loss/WER history (checkpointed) and ``curves.png``; test alignments in ``wer_<split>.txt``;
-- testing the best-WER checkpoint, or the average of the ``average_best`` best ones.
+- testing the best-WER checkpoint, or the average of the ``average_best`` best ones; per-group
+  WER/CER with bootstrap intervals (``speechtune.metrics``) when the manifests have group columns.
 
 Keys read here (a missing key is an error, never a silent default): ``freeze_encoder_steps``,
 ``valid_every_steps``, ``log_every_steps``, ``num_to_keep``, ``average_best``, ``train_logger``,
+``group_bootstrap_resamples``, ``seed``,
 ``wer_computer``,
 ``cer_computer``, ``checkpointer``, ``history``, ``epoch_counter``, ``output_folder``.
 """
@@ -27,6 +29,7 @@ from speechbrain.augment.time_domain import SpeedPerturb
 from speechbrain.nnet.schedulers import TriStageLRSchedule
 from speechbrain.utils.checkpoints import average_checkpoints
 
+from speechtune.metrics import group_rows, write_group_report
 from speechtune.outputs import write_curves
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class FineTuneBrain(sb.Brain):
 
     tokenizer = None  # set by the family's recipe setup
     averaged_from = None  # names of the checkpoints whose average the modules hold (testing)
+    groups = None  # {split: {utterance id: {group column: value}}} for per-group test metrics
     valid_loader = None
     #: the optimizer group that trains the encoder, skipped while it is frozen (None: the
     #: family has one optimizer; a frozen encoder then simply has no gradients)
@@ -154,8 +158,21 @@ class FineTuneBrain(sb.Brain):
             with open(path, "w", encoding="utf-8") as f:
                 self.wer_metric.write_stats(f)
             self.test_stats = stats
+            if self.groups and self.groups.get(self.test_split) and \
+                    sb.utils.distributed.if_main_process():
+                self._write_group_report()
             logger.info("%s WER %.2f%%  CER %.2f%%  (alignments: %s)", self.test_split,
                         stats["WER"], stats["CER"], path)
+
+    def _write_group_report(self):
+        """WER/CER per value of every group column, with seeded bootstrap 95% intervals, to
+        ``wer_<split>_groups.md`` / ``.csv`` and the log."""
+        resamples = int(self.hparams.group_bootstrap_resamples)
+        rows = group_rows(self.wer_metric.scores, self.cer_metric.scores,
+                          self.groups[self.test_split], resamples, self.hparams.seed)
+        stem = f"{self.hparams.output_folder}/wer_{self.test_split}_groups"
+        text = write_group_report(rows, self.test_split, resamples, f"{stem}.md", f"{stem}.csv")
+        logger.info("per-group results (%s.md):\n%s", stem, text)
 
     def _error_stats(self, loss):
         return {"loss": loss, "WER": self.wer_metric.summarize("error_rate"),

@@ -79,6 +79,20 @@ class Experiment:
                 for name, ds in splits.items()}
 
 
+def group_columns(wanted, rows):
+    """The manifest columns to score per value at test time (``group_columns`` in the yaml):
+    ``auto`` = every column beyond the contract's, else the listed ones (each must exist)."""
+    present = {c for split_rows in rows.values() for r in split_rows.values() for c in r}
+    extra = sorted(present - set(data.REQUIRED_COLUMNS))
+    if wanted == "auto":
+        return extra
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise ValueError(f"group_columns: {missing} not in the manifests (their extra columns: "
+                         f"{extra}); list existing ones, or use auto or []")
+    return list(wanted)
+
+
 def build_experiment(hparams, run_opts, prepare, family):
     """Prepare data, run the pre-flight checks, build datasets and the family's Brain.
 
@@ -94,6 +108,7 @@ def build_experiment(hparams, run_opts, prepare, family):
             for split, path in paths.items()}
     lo, hi = hparams["min_duration"], hparams["max_duration"]
     rows["train"] = {i: r for i, r in rows["train"].items() if lo <= r["duration"] <= hi}
+    groups = group_columns(hparams["group_columns"], rows)
     setup.set_texts(rows)  # references ("words") and targets, normalised as the family says
     vocab = setup.build_tokenizer(rows["train"])
     dropped = run_preflight(
@@ -116,6 +131,8 @@ def build_experiment(hparams, run_opts, prepare, family):
                               checkpointer=hparams["checkpointer"])
     run_on_main(record_run, args=[hparams, setup])
     setup.configure(brain)
+    brain.groups = {split: {i: {c: r.get(c, "") for c in groups} for i, r in split_rows.items()}
+                    for split, split_rows in rows.items() if split != "train"} if groups else None
     loader_kwargs = {"train": _loader_kwargs(hparams, train, "train"),
                      "valid": _loader_kwargs(hparams, valid, "valid")}
     loader_kwargs.update({name: _loader_kwargs(hparams, ds, "test") for name, ds in tests.items()})
