@@ -350,7 +350,9 @@ def preflight(out, yaml_rel, family, tmp, overrides):
     os.chdir(out)  # the yaml's relative paths start at the recipe folder, as for train.py
     try:
         hparams, run_opts = load_hparams([yaml_rel, f"--output_folder={tmp}", *overrides])
-        logging.getLogger("speechbrain").setLevel(logging.WARNING)  # keep our summary readable
+        for name in list(logging.root.manager.loggerDict):  # keep our summary readable
+            if name.startswith("speechbrain"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         experiment = build_experiment(hparams, run_opts, prepare_custom, family_cls)
     finally:
         os.chdir(cwd)
