@@ -233,7 +233,9 @@ def _generation_config(model, tokenizer, info):
     """Make ``generate`` write what the recipe's searcher writes: the language and task prefix,
     no timestamps, no suppressed tokens (the recipe suppresses none)."""
     config = model.generation_config
+    # a tokenizer without a token (whisper-small has no <|yue|>) maps it to unk: leave it out
     specials = {t: tokenizer.convert_tokens_to_ids(t) for t in whisper_special_tokens()}
+    specials = {t: i for t, i in specials.items() if i != tokenizer.unk_token_id}
     config.lang_to_id = {t: i for t, i in specials.items()
                          if t.strip("<|>") in _language_codes()}
     config.task_to_id = {task: specials[f"<|{task}|>"] for task in ("transcribe", "translate")

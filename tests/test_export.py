@@ -153,6 +153,16 @@ print(type(asr).__name__, repr(asr.transcribe_file(sys.argv[2])))
 """, tmp_path / "moved", SYNTHETIC / "en" / "wav" / "en_test_0623.flac")
     assert printed.splitlines()[-1].startswith("EncoderASR '")
 
+    # transcribe.py: a file it cannot read is named and skipped, the others still decoded
+    good = SYNTHETIC / "en" / "wav" / "en_test_0623.flac"
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not really a wav file")
+    done = subprocess.run([sys.executable, str(TOOLS / "transcribe.py"), tmp_path / "moved", good,
+                           tmp_path / "broken.wav", "--format", "jsonl", "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    assert [json.loads(line)["audio"] for line in done.stdout.splitlines()] == [str(good)]
+    assert f"skipped {tmp_path / 'broken.wav'}" in done.stderr
+
 
 def test_whisper_export_transcribes_the_test_split_as_the_run_did(whisper_run, tmp_path):
     data, run = whisper_run
@@ -167,11 +177,12 @@ def test_whisper_export_transcribes_the_test_split_as_the_run_did(whisper_run, t
     decoded = transcribe_split(export, data, 4)
     assert {i: normalize(t).split() for i, t in decoded.items()} == ran
 
-    # transformers: WhisperForConditionalGeneration gives SpeechBrain's decoder logits on the
-    # language/task prefix (same weights, features, tied output projection), and its greedy
-    # generate writes what SpeechBrain's greedy searcher writes (same prefix and stopping)
+    # transformers: WhisperForConditionalGeneration gives SpeechBrain's decoder logits, teacher
+    # forced on the language/task prefix and the run's beam hypothesis (same weights, features,
+    # tied output projection), and its greedy generate writes the token ids SpeechBrain's greedy
+    # searcher writes (at least 10, like the searcher's min_decode_ratio)
     ids, wavs = split_files(data)
-    pairs = json.loads(offline_python("""
+    checks = json.loads(offline_python("""
 import json
 import torch
 from speechbrain.decoders.seq2seq import S2SWhisperGreedySearcher
@@ -181,27 +192,28 @@ from speechtune.export import load_asr
 model = WhisperForConditionalGeneration.from_pretrained(sys.argv[1]).eval()
 processor = WhisperProcessor.from_pretrained(sys.argv[1])
 asr = load_asr(sys.argv[1])
-greedy = S2SWhisperGreedySearcher(model=asr.mods.whisper, min_decode_ratio=0.0,
+greedy = S2SWhisperGreedySearcher(model=asr.mods.whisper, min_decode_ratio=0.05,
                                   max_decode_ratio=0.25)
-prefix = torch.tensor([asr.mods.whisper.tokenizer.prefix_tokens])
-pairs = []
+prefix = asr.mods.whisper.tokenizer.prefix_tokens
+checks = []
 for wav in sys.argv[2:]:
     sig = load_audio(wav, 16000)
     feats = processor(sig.numpy(), sampling_rate=16000, return_tensors="pt").input_features
     with torch.no_grad():
-        hf_logits = model(input_features=feats, decoder_input_ids=prefix).logits
+        _, beam = asr.transcribe_batch(sig[None], torch.ones(1))
+        forced = torch.tensor([prefix + list(beam[0])])
+        hf_logits = model(input_features=feats, decoder_input_ids=forced).logits
         enc = asr.encode_batch(sig[None], torch.ones(1))
-        sb_logits = asr.mods.whisper.forward_decoder(enc, prefix, use_cache=False)[0]
-        hf_ids = model.generate(feats, num_beams=1, max_new_tokens=50)
-        sb_ids = greedy(enc, torch.ones(1))[0]
-    pairs.append([(hf_logits - sb_logits).abs().max().item(),
-                  processor.batch_decode(hf_ids, skip_special_tokens=True)[0].strip(),
-                  asr.tokenizer.decode(sb_ids[0], skip_special_tokens=True).strip()])
-print(json.dumps(pairs))
+        sb_logits = asr.mods.whisper.forward_decoder(enc, forced, use_cache=False)[0]
+        sb_ids = list(greedy(enc, torch.ones(1))[0][0])
+        hf_ids = model.generate(feats, num_beams=1, min_new_tokens=10,
+                                max_new_tokens=len(sb_ids))[0].tolist()
+    checks.append([forced.shape[1], (hf_logits - sb_logits).abs().max().item(), hf_ids, sb_ids])
+print(json.dumps(checks))
 """, export, *wavs).splitlines()[-1])
-    assert max(diff for diff, _, _ in pairs) < 1e-3
-    assert [hf for _, hf, _ in pairs] == [sb for _, _, sb in pairs]
-    assert any(sb for _, _, sb in pairs)  # greedy stops at once on some; never on all
+    assert all(length > 6 for length, _, _, _ in checks)  # the prefix and hypothesis tokens
+    assert max(diff for _, diff, _, _ in checks) < 1e-3
+    assert all(len(sb) >= 10 and hf == sb for _, _, hf, sb in checks)
 
 
 def test_bad_export_arguments_are_named(ctc_run, tmp_path):
