@@ -23,6 +23,7 @@ settings, so neither the recipe's yaml nor the hub is needed.
 
 import atexit
 import json
+import re
 import shlex
 import shutil
 import tempfile
@@ -278,20 +279,30 @@ def export(run, out, checkpoint=None, average=1, force=False):
                                 "step": c.meta.get("step")} for c in ckpts],
                "train_command": shlex.join(["cd", info["cwd"]]) + " && " + shlex.join(
                    ["python", Path(info["script"]).name, *info["argv"]]),
-               "test": _test_results(run_folder),
+               "test": _test_results(run_folder, ckpts),
                "exported": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
     (out / "speechtune_export.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     (out / "README.md").write_text(model_card(summary, out), encoding="utf-8")
     return summary
 
 
-def _test_results(run_folder):
-    """Test lines of the run's ``train_log.txt`` (what it last reported), if any."""
+def _test_results(run_folder, ckpts):
+    """The run's latest logged result per split for what is exported: the best-WER checkpoint's
+    lines (no ``averaged``) or those of the same average; none for another checkpoint."""
     log = run_folder / "train_log.txt"
-    if not log.is_file():
+    best = Checkpointer(ckpts[0].path.parent).find_checkpoint(min_key="WER")
+    if not log.is_file() or (len(ckpts) == 1 and ckpts[0].path != best.path):
         return []
-    return [line.strip() for line in log.read_text(encoding="utf-8").splitlines()
-            if "test loss" in line or line.startswith("Epoch loaded")]
+    names = {c.path.name for c in ckpts}
+    latest = {}
+    for line in log.read_text(encoding="utf-8").splitlines():
+        found = re.search(r"split: (\w+)(?:, averaged: (.+?))? - ", line)
+        if not found:
+            continue
+        averaged = set(found[2].split(" + ")) if found[2] else None
+        if (averaged is None and len(ckpts) == 1) or averaged == names:
+            latest[found[1]] = line.strip()
+    return list(latest.values())
 
 
 def model_card(summary, out):
@@ -306,7 +317,7 @@ def model_card(summary, out):
     sb_class = "EncoderASR" if summary["family"] == "ctc" else "WhisperASR"
     hf_class = summary["model_class"]
     processor = "Wav2Vec2Processor" if summary["family"] == "ctc" else "WhisperProcessor"
-    tests = "\n".join(f"    {line}" for line in summary["test"]) or "    (no test logged)"
+    tests = "\n".join(f"    {line}" for line in summary["test"]) or "    (none logged)"
     return f"""# {Path(out).name}: {summary['family'].upper()} ASR model ({summary['language']})
 
 Exported by speechtune (`tools/checkpoints.py export`) on {summary['exported']} from the run
@@ -320,8 +331,8 @@ Trained with:
 
     {summary['train_command']}
 
-The run's test results (its `train_log.txt`; they score its best-WER checkpoint, or the average
-when the run was tested with `--average_best`):
+The run's latest results for these weights (its `train_log.txt`; an average is scored when the
+run is evaluated with `tools/checkpoints.py average` or `--average_best`):
 
 {tests}
 

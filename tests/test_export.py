@@ -118,6 +118,7 @@ def test_ctc_average_and_export_transcribe_the_test_split_as_the_run_did(ctc_run
     tool("checkpoints.py", "export", run, export, "--average", "2")
     card = (export / "README.md").read_text()
     assert "average of the 2 best" in card and "python train.py hparams/wavlm_tiny.yaml" in card
+    assert logged[-1] in card  # the average's own test result, not the best checkpoint's
     for batch_size in (4, 1):  # the run's batches, and one file at a time
         decoded = transcribe_split(export, data, batch_size)
         assert {i: t.split() for i, t in decoded.items()} == ran, batch_size
