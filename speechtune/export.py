@@ -267,6 +267,9 @@ def export(run, out, checkpoint=None, average=1, force=False):
     if out.exists():
         if not force:
             raise SystemExit(f"{out} exists: pass --force to replace it, or another folder")
+        if any(out.iterdir()) and not (out / "speechtune_export.json").is_file():
+            raise SystemExit(f"{out} is not an earlier export (no speechtune_export.json): "
+                             "--force replaces only those; choose another folder")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     exporter = {"ctc": export_ctc, "whisper": export_whisper}[info["family"]]
@@ -291,7 +294,7 @@ def _test_results(run_folder, ckpts):
     lines (no ``averaged``) or those of the same average; none for another checkpoint."""
     log = run_folder / "train_log.txt"
     best = Checkpointer(ckpts[0].path.parent).find_checkpoint(min_key="WER")
-    if not log.is_file() or (len(ckpts) == 1 and ckpts[0].path != best.path):
+    if not log.is_file() or (len(ckpts) == 1 and (best is None or ckpts[0].path != best.path)):
         return []
     names = {c.path.name for c in ckpts}
     latest = {}

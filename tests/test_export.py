@@ -231,3 +231,8 @@ def test_bad_export_arguments_are_named(ctc_run, tmp_path):
     done = subprocess.run([sys.executable, str(TOOLS / "checkpoints.py"), "export", str(run),
                            str(tmp_path / "taken")], capture_output=True, text=True)
     assert "pass --force" in done.stderr
+    (tmp_path / "taken" / "notes.txt").write_text("mine")  # --force never deletes other work
+    done = subprocess.run([sys.executable, str(TOOLS / "checkpoints.py"), "export", str(run),
+                           str(tmp_path / "taken"), "--force"], capture_output=True, text=True)
+    assert "is not an earlier export" in done.stderr
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
