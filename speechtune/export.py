@@ -281,7 +281,8 @@ def export(run, out, checkpoint=None, average=1, force=False):
                                 "CER": c.meta.get("CER"), "epoch": c.meta.get("epoch"),
                                 "step": c.meta.get("step")} for c in ckpts],
                "train_command": shlex.join(["cd", info["cwd"]]) + " && " + shlex.join(
-                   ["python", Path(info["script"]).name, *info["argv"]]),
+                   ["python", Path(info["script"]).name,
+                    *(a for a in info["argv"] if not a.startswith("--average_best"))]),
                "test": _test_results(run_folder, ckpts),
                "exported": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
     (out / "speechtune_export.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
