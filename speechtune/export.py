@@ -385,6 +385,9 @@ def load_asr(folder, savedir=None, device="cpu"):
     if savedir is None:
         savedir = tempfile.mkdtemp(prefix="speechtune_load_")
         atexit.register(shutil.rmtree, savedir, ignore_errors=True)
-    return cls.from_hparams(source=str(folder), savedir=str(savedir),
-                            overrides={"export_folder": str(folder)},
-                            run_opts={"device": device})
+    asr = cls.from_hparams(source=str(folder), savedir=str(savedir),
+                           overrides={"export_folder": str(folder)},
+                           run_opts={"device": device})
+    if family == "ctc":  # the vocabulary was saved whole: say so (SpeechBrain warns otherwise)
+        asr.tokenizer.expect_len(len(asr.tokenizer.lab2ind))
+    return asr

@@ -44,27 +44,39 @@ def collect(inputs):
 
 
 def transcribe(asr, paths, sample_rate, batch_size, progress=True):
-    """``({path: text}, {path: error})``: batches of similar duration through ``asr``."""
+    """``({path: text}, {path: error})``: batches of similar duration through ``asr``. Durations
+    come from the file headers; audio is read one batch at a time (a folder of hours of audio
+    never sits in memory at once)."""
+    import soundfile as sf
+
     from speechtune.data import load_audio
 
-    audio, failed = {}, {}
-    for path in tqdm(paths, desc="reading", disable=not progress):
+    seconds, failed = {}, {}
+    for path in paths:
         try:
-            audio[path] = load_audio(str(path), sample_rate)
+            info = sf.info(str(path))
+            seconds[path] = info.frames / info.samplerate
         except Exception as err:  # noqa: BLE001 - reported by name, the rest still decoded
             failed[path] = f"{type(err).__name__}: {err}"
-    order = sorted(audio, key=lambda p: audio[p].shape[0])
+    order = sorted(seconds, key=seconds.get)
     texts = {}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="transcribing", disable=not progress):
-        sigs = [audio[p] for p in batch]
-        longest = max(s.shape[0] for s in sigs)
+        sigs = {}
+        for path in batch:
+            try:
+                sigs[path] = load_audio(str(path), sample_rate)
+            except Exception as err:  # noqa: BLE001 - as above
+                failed[path] = f"{type(err).__name__}: {err}"
+        if not sigs:
+            continue
+        longest = max(s.shape[0] for s in sigs.values())
         wavs = torch.zeros(len(sigs), longest)
-        for row, sig in enumerate(sigs):
+        for row, sig in enumerate(sigs.values()):
             wavs[row, :sig.shape[0]] = sig
-        lens = torch.tensor([s.shape[0] / longest for s in sigs])
+        lens = torch.tensor([s.shape[0] / longest for s in sigs.values()])
         words, _ = asr.transcribe_batch(wavs, lens)
-        for path, text in zip(batch, words, strict=True):
+        for path, text in zip(sigs, words, strict=True):
             texts[path] = text if isinstance(text, str) else " ".join(text)
     return texts, failed
 
