@@ -146,7 +146,8 @@ def record_run(hparams, setup):
     tokenizer files; the weights are in the checkpoints)."""
     run_file = Path(hparams["output_folder"]) / "run.json"
     info = {"family": setup.name, "script": str(Path(sys.argv[0]).resolve()),
-            "cwd": os.getcwd(), "argv": sys.argv[1:], **setup.inference_settings()}
+            "cwd": os.getcwd(), "argv": sys.argv[1:],
+            "epochs": hparams["epoch_counter"].limit, **setup.inference_settings()}
     tmp = run_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(info, indent=1, ensure_ascii=False))
     os.replace(tmp, run_file)

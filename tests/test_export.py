@@ -227,6 +227,16 @@ def test_bad_export_arguments_are_named(ctc_run, tmp_path):
         done = subprocess.run([sys.executable, str(TOOLS / "checkpoints.py"), "export", *map(
             str, args)], capture_output=True, text=True)
         assert done.returncode != 0 and message in done.stderr, done.stderr
+    # average on an unfinished run would train the rest first: refused, naming the command
+    import shutil
+
+    shutil.copytree(run, tmp_path / "unfinished")
+    info = json.loads((tmp_path / "unfinished" / "run.json").read_text())
+    (tmp_path / "unfinished" / "run.json").write_text(json.dumps({**info, "epochs": 5}))
+    done = subprocess.run([sys.executable, str(TOOLS / "checkpoints.py"), "average",
+                           str(tmp_path / "unfinished"), "-k", "2"], capture_output=True,
+                          text=True)
+    assert done.returncode != 0 and "is not a finished run" in done.stderr, done.stderr
     (tmp_path / "taken").mkdir()
     done = subprocess.run([sys.executable, str(TOOLS / "checkpoints.py"), "export", str(run),
                            str(tmp_path / "taken")], capture_output=True, text=True)

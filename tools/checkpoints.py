@@ -90,6 +90,18 @@ def evaluate_average(run, k):
     if k < 2 or k > len(scored):
         raise SystemExit(f"-k {k}: {out} keeps {len(scored)} checkpoint(s) with a valid WER; "
                          "average 2 to that many (more need num_to_keep >= k in the yaml)")
+    # rerunning the command of an unfinished run would first train the rest of it
+    latest = rows(save)[-1]  # oldest first
+    command = f"cd {info['cwd']} && python {Path(info['script']).name} {' '.join(info['argv'])}"
+    if "epochs" not in info:
+        raise SystemExit(f"{out}/run.json predates the record of the epochs to train: run "
+                         f"{command} once (a finished run then only tests), then average.")
+    if not (latest["end-of-epoch"] and latest["epoch"] >= info["epochs"]):
+        raise SystemExit(
+            f"{out} is not a finished run (latest checkpoint: epoch {latest['epoch']}, "
+            f"{'end of epoch' if latest['end-of-epoch'] else 'mid-epoch'}; epochs to train: "
+            f"{info['epochs']}): rerunning its command would train first. Finish it with "
+            f"{command}, then average.")
     argv = [a for a in info["argv"] if not a.startswith("--average_best")]
     command = [sys.executable, info["script"], *argv, f"--average_best={k}"]
     print("running:", " ".join(command[1:]), f"(in {info['cwd']})", flush=True)
