@@ -44,6 +44,20 @@ def read_manifest(path: str | Path, data_root: str) -> dict[str, dict]:
     return {utt_id: {"ID": utt_id, **row} for utt_id, row in rows.items()}
 
 
+def write_manifest(path, rows, header) -> Path:
+    """Write manifest ``rows`` (dicts) as a CSV with columns ``header``, atomically: an
+    interrupted write never leaves a manifest that looks finished."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(header))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
 def make_dataset(rows: dict[str, dict], sort_by_duration: bool):
     """A ``DynamicItemDataset`` over manifest rows, in manifest or ascending-duration order."""
     dataset = sb.dataio.dataset.DynamicItemDataset(rows)

@@ -48,6 +48,7 @@ from hyperpyyaml import load_hyperpyyaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from speechtune.ctc import CTCFamily
+from speechtune.data import write_manifest
 from speechtune.models import build_tiny_encoder, build_tiny_whisper
 from speechtune.recipe import Manifests, build_experiment
 from speechtune.whisper import WhisperFamily
@@ -134,11 +135,7 @@ def librispeech_like_corpus(folder, n, mean=12.7, sd=3.5, seed=0):
         sf.write(path, np.concatenate(audio), rate)
         rows.append({"ID": name, "duration": f"{total:.3f}",
                      "wav": str(path), "spk_id": "synthetic", "wrd": " ".join(words)})
-    with open(manifest, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(manifest, rows, rows[0])
 
 
 def prepare_fixed(train, valid):

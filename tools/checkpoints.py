@@ -86,12 +86,13 @@ def evaluate_average(run, k):
     from speechtune.export import read_run
 
     out, save, info = read_run(run)
-    scored = [r for r in rows(save) if r["WER"] is not None]
+    kept = rows(save)  # oldest first
+    scored = [r for r in kept if r["WER"] is not None]
     if k < 2 or k > len(scored):
         raise SystemExit(f"-k {k}: {out} keeps {len(scored)} checkpoint(s) with a valid WER; "
                          "average 2 to that many (more need num_to_keep >= k in the yaml)")
     # rerunning the command of an unfinished run would first train the rest of it
-    latest = rows(save)[-1]  # oldest first
+    latest = kept[-1]
     command = f"cd {info['cwd']} && python {Path(info['script']).name} {' '.join(info['argv'])}"
     if "epochs" not in info:
         raise SystemExit(f"{out}/run.json predates the record of the epochs to train: run "

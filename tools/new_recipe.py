@@ -74,6 +74,7 @@ def source_recipe(path, hparams_name):
 
 def corpus_manifests(corpus, out):
     """``{split: manifest path}`` of ``--corpus`` (a single manifest is split into ``out/data``)."""
+    from speechtune.data import write_manifest
     from speechtune.prepare.custom import contract_rows
 
     corpus = Path(corpus).resolve()
@@ -90,7 +91,7 @@ def corpus_manifests(corpus, out):
         for row in rows:  # relative to out/data inside one checkout (the recipe can move)
             row["wav"] = relative(row["wav"], out / "data")
         for split, split_rows in parts.items():
-            write_csv(out / "data" / f"{split}.csv", split_rows, header)
+            write_manifest(out / "data" / f"{split}.csv", split_rows, header)
         say(f"split {corpus.name}: train {len(parts['train'])}, valid {len(parts['valid'])}, "
             f"test {len(parts['test'])} utterances (by row, not by speaker) in {out / 'data'}")
         return {s: out / "data" / f"{s}.csv" for s in SPLITS}
@@ -124,15 +125,6 @@ def corpus_manifests(corpus, out):
         raise RecipeError(f"--corpus {corpus}: no {' or '.join(missing)} manifest (looked for "
                           f"{looked}). Give {MANIFEST_HELP}.")
     return found
-
-
-def write_csv(path, rows, header):
-    import csv
-
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def data_root(manifests):

@@ -28,6 +28,7 @@ from pathlib import Path
 import soundfile as sf
 from speechbrain.utils.distributed import run_on_main
 
+from speechtune.data import write_manifest
 from speechtune.recipe import Manifests
 
 ALIASES = {"wav": ("audio", "wav"), "wrd": ("text", "wrd"), "ID": ("id", "ID"),
@@ -175,13 +176,7 @@ def prepare_manifest(manifest, out_csv, data_folder, split):
         if out_csv.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == source:
             return  # already prepared from this very file
         rows, header = contract_rows(manifest, split, data_folder)
-        out_csv.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_csv.with_name(out_csv.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(out_csv)  # an interrupted preparation never looks finished
+        write_manifest(out_csv, rows, header)  # atomic: never a half-written manifest
         stamp.write_text(json.dumps(source))
 
     run_on_main(write)
