@@ -10,6 +10,8 @@ optimizer trains (``parameter_groups``); the rest is here, once:
   runs without autograd and its optimizer (if it has one) is not stepped;
 - validation at epoch ends and every ``valid_every_steps`` optimizer steps, each followed by a
   checkpoint that keeps the best WER and the latest ``num_to_keep``;
+- training by epochs (``number_of_epochs``) or up to a number of optimizer steps
+  (SpeechBrain's ``optimizer_step_limit``, settable in yaml), whichever comes first;
 - the loss/WER history (checkpointed) and ``curves.png``; test alignments in ``wer_<split>.txt``;
 - testing the best-WER checkpoint, or the average of the ``average_best`` best ones; per-group
   WER/CER with bootstrap intervals (``speechtune.metrics``) when the manifests have group columns.
@@ -208,6 +210,14 @@ class FineTuneBrain(sb.Brain):
             # registers samplers itself under DDP; DDP wraps this one in make_dataloader
             self.train_sampler = batch_sampler
         return super().fit(epoch_counter, train_set, valid_set, **kwargs)
+
+    def _fit_valid(self, valid_set, epoch, enable):
+        """Epoch-end validation, except when ``optimizer_step_limit`` ended training right after
+        a step-based validation (the same weights again) or on a rerun of a finished run."""
+        done = self.hparams.history.valid
+        if self._optimizer_step_limit_exceeded and done and done[-1][0] == self.optimizer_step:
+            return
+        super()._fit_valid(valid_set, epoch, enable)
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Load the best checkpoint by ``min_key`` (WER); with ``average_best: N`` > 1, then

@@ -5,7 +5,15 @@ The shared loop (optimizers, LR schedules, freezing, validation, checkpoints) is
 setup (character vocabulary, pre-flight frame check, data pipelines). Keys read here besides the
 shared ones: ``encoder``, ``head`` (modules); ``augmenter`` (``null`` = no augmentation);
 ``encoder_opt_class``, ``head_opt_class``, ``encoder_lr_scheduler``, ``head_lr_scheduler``;
-``blank_index``; ``speeds``; the decoding keys of ``speechtune.lm``.
+``blank_index``; ``speeds``; ``vocabulary`` and ``target_case`` (below); the decoding keys of
+``speechtune.lm``.
+
+``vocabulary: new`` builds a character vocabulary from the normalised training text and a new
+linear head. ``vocabulary: pretrained`` keeps a CTC fine-tuned model's own vocabulary and
+initialises the head from its CTC head (``facebook/wav2vec2-large-960h``: upper-case letters,
+``'`` and ``|`` between words), so fine-tuning starts from a working recogniser.
+``target_case`` (``lower`` | ``upper``) maps the normalised text (lower case) to the
+vocabulary's case; the pre-flight check stops a run whose text and vocabulary differ in case.
 """
 
 import contextlib
@@ -86,20 +94,41 @@ class CTCFamily:
         self.hparams = hparams
         self.normalize = get_normalizer(hparams["language"])
         self.tokenizer = None
+        self.pretrained_head = None  # the source model's CTC head (vocabulary: pretrained)
+        if hparams["vocabulary"] not in ("new", "pretrained"):
+            raise ValueError(f"vocabulary={hparams['vocabulary']!r}: use new or pretrained")
+        if hparams["target_case"] not in ("lower", "upper"):
+            raise ValueError(f"target_case={hparams['target_case']!r}: use lower or upper")
 
     def set_texts(self, rows):
-        """Targets and references are the same normalised transcript."""
+        """Targets and references are the same normalised transcript, in ``target_case``."""
+        case = str.upper if self.hparams["target_case"] == "upper" else str.lower
         for split_rows in rows.values():
             for row in split_rows.values():
-                row["words"] = row["target"] = self.normalize(row["wrd"])
+                row["words"] = row["target"] = case(self.normalize(row["wrd"]))
 
     def build_tokenizer(self, train_rows):
-        """Character vocabulary of the normalised training text (saved once, reloaded after)."""
-        kwargs = {"train_texts": [r["words"] for r in train_rows.values()],
-                  "path": Path(self.hparams["save_folder"]) / "label_encoder.txt"}
-        run_on_main(data.build_char_vocab, kwargs=kwargs)
-        self.tokenizer = data.build_char_vocab(**kwargs)  # loads what the main process saved
-        return {c for c in self.tokenizer.lab2ind if c not in ("<blank>", "<unk>")}
+        """The character vocabulary (``vocabulary``: built from the normalised training text, or
+        the pretrained model's own), saved once and reloaded after."""
+        path = Path(self.hparams["save_folder"]) / "label_encoder.txt"
+        if self.hparams["vocabulary"] == "new":
+            kwargs = {"train_texts": [r["words"] for r in train_rows.values()], "path": path}
+            run_on_main(data.build_char_vocab, kwargs=kwargs)
+            self.tokenizer = data.build_char_vocab(**kwargs)  # loads what the main process saved
+        elif path.exists() and self.hparams["checkpointer"].find_checkpoint() is not None:
+            self.tokenizer = data.pretrained_char_vocab(None, None, None, None, path)  # resumed
+        else:
+            labels, blank, delimiter, unk, head = self.hparams["encoder"].pretrained_ctc()
+            if blank != self.hparams["blank_index"]:
+                raise ValueError(f"{self.hparams['encoder'].source} pads (its CTC blank) with id "
+                                 f"{blank}: set blank_index: {blank}")
+            self.pretrained_head = head
+            kwargs = {"labels": labels, "blank_id": blank, "word_delimiter": delimiter,
+                      "unk": unk, "path": path}
+            run_on_main(data.pretrained_char_vocab, kwargs=kwargs)
+            self.tokenizer = data.pretrained_char_vocab(**kwargs)
+        special = {self.tokenizer.blank_label, getattr(self.tokenizer, "unk_label", None)}
+        return {c for c in self.tokenizer.lab2ind if c not in special and len(c) == 1}
 
     def label_check(self):
         """More labels than frames at the fastest speed perturbation (it shortens audio most)."""
@@ -141,9 +170,12 @@ class CTCFamily:
         sb.dataio.dataset.set_output_keys(datasets, ["id", "sig", "words", "tokens", "duration"])
 
     def modules(self):
-        """The encoder and a new linear head sized to the vocabulary."""
+        """The encoder and a linear head sized to the vocabulary: new, or the pretrained CTC
+        head's weights (``vocabulary: pretrained``; a resumed run then loads its checkpoint)."""
         encoder = self.hparams["encoder"]
         head = self.hparams["head"](input_size=encoder.model.config.hidden_size,
                                     n_neurons=len(self.tokenizer.lab2ind))
+        if self.pretrained_head is not None:
+            head.w.load_state_dict(self.pretrained_head)
         self.hparams["checkpointer"].add_recoverable("head", head)
         return {"encoder": encoder, "head": head}

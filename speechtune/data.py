@@ -93,6 +93,31 @@ def build_char_vocab(train_texts, path, blank="<blank>", unk="<unk>") -> CTCText
     return encoder
 
 
+def pretrained_char_vocab(labels, blank_id, word_delimiter, unk, path) -> CTCTextEncoder:
+    """A pretrained CTC model's own vocabulary (``labels`` in id order) as a ``CTCTextEncoder``.
+
+    The model's padding token (its CTC blank, at ``blank_id``) becomes ``<blank>`` and its word
+    delimiter (``|``) the space, so targets, decoding and export treat it like a vocabulary built
+    here; every id keeps its index, so the pretrained head's rows still mean the same characters.
+    Saved to ``path`` (or reloaded from it, like ``build_char_vocab``).
+    """
+    encoder = CTCTextEncoder()
+    path = Path(path)
+    if path.exists():
+        encoder.load(path)
+        return encoder
+    for index, label in enumerate(labels):
+        if index == blank_id:
+            encoder.insert_blank("<blank>", index=index)
+        elif label == unk:
+            encoder.add_unk(label)
+        else:
+            encoder.add_label(" " if label == word_delimiter else label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encoder.save(path)
+    return encoder
+
+
 def dynamic_batch_sampler(dataset, max_batch_seconds, num_buckets, shuffle, seed, max_batch_ex):
     """SpeechBrain's duration-budget sampler: each batch holds at most ``max_batch_seconds``."""
     return DynamicBatchSampler(

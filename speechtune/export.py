@@ -129,7 +129,6 @@ def export_ctc(save, ckpts, info, out):
                                      pad_token=HF_BLANK, word_delimiter_token=HF_SPACE,
                                      bos_token=None, eos_token=None)
     extractor = Wav2Vec2FeatureExtractor.from_pretrained(save / "model_files")
-    extractor.return_attention_mask = True  # training masks padding and normalises per utterance
     Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
 
     torch.save(head_state, out / "head.ckpt")

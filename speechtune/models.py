@@ -37,6 +37,12 @@ class SSLEncoder(Wav2Vec2):
     def __init__(self, source, save_path, config_overrides=None, attention="sdpa", **kwargs):
         object.__setattr__(self, "_config_overrides", dict(config_overrides or {}))
         super().__init__(source, save_path, **kwargs)
+        self.source, self.save_path = str(source), str(save_path)
+        # transformers' rule: models trained without attention masks (wav2vec2-base/large-960h:
+        # group-norm CNN, `return_attention_mask: false`) get zero-padded input (the batch's
+        # padding) and no mask
+        self.use_attention_mask = bool(getattr(self.feature_extractor, "return_attention_mask",
+                                               True))
         if self.freeze_feature_extractor and not self.freeze:
             # SpeechBrain turns off the CNN's parameter gradients but not transformers' own flag,
             # with which the CNN makes its input require grad in training: autograd then ran
@@ -73,9 +79,37 @@ class SSLEncoder(Wav2Vec2):
             wav = normalize_per_utterance(wav, wav_lens)
         normalize, self.normalize_wav = self.normalize_wav, False
         try:
-            return super().extract_features(wav, wav_lens)
+            return super().extract_features(wav, wav_lens if self.use_attention_mask else None)
         finally:
             self.normalize_wav = normalize
+
+    def pretrained_ctc(self):
+        """The source model's own CTC vocabulary and head: ``(labels in id order, blank id,
+        word delimiter, unk token, {"weight", "bias"})``, for ``vocabulary: pretrained``."""
+        from transformers import AutoModelForCTC, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.source, cache_dir=self.save_path)
+            model = AutoModelForCTC.from_pretrained(self.source, cache_dir=self.save_path)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"vocabulary: pretrained needs a CTC fine-tuned model with its tokenizer "
+                f"(vocab.json and a *ForCTC head, e.g. facebook/wav2vec2-large-960h); "
+                f"{self.source} has none ({err}). Use vocabulary: new for a pretrained-only "
+                "encoder.") from err
+        vocab = tokenizer.get_vocab()
+        labels = [None] * len(vocab)
+        for label, index in vocab.items():
+            labels[index] = label
+        if model.lm_head.out_features != len(labels) or None in labels:
+            raise ValueError(f"{self.source}: its CTC head has {model.lm_head.out_features} "
+                             f"outputs but its tokenizer {len(vocab)} ids")
+        if tokenizer.unk_token not in vocab:
+            raise ValueError(f"{self.source}: its tokenizer has no unknown token for characters "
+                             "outside its vocabulary")
+        head = {k: v.detach().clone() for k, v in model.lm_head.state_dict().items()}
+        return (labels, model.config.pad_token_id, getattr(tokenizer, "word_delimiter_token", "|"),
+                tokenizer.unk_token, head)
 
     def output_frames(self, num_samples: int) -> int:
         """Number of encoder frames for ``num_samples`` input samples (the CNN's arithmetic)."""

@@ -150,6 +150,19 @@ def oov_characters(texts, vocab):
     return counter, (sum(counter.values()) / total if total else 0.0)
 
 
+def case_hint(oov, vocab):
+    """A line naming a case mismatch when most out-of-vocabulary characters are in the vocabulary
+    in the other case (lower-case text against wav2vec2-large-960h's upper-case letters)."""
+    counts = sum(oov.values(), Counter())
+    lower = sum(n for c, n in counts.items() if c.islower() and c.upper() in vocab)
+    upper = sum(n for c, n in counts.items() if c.isupper() and c.lower() in vocab)
+    if lower + upper <= 0.5 * sum(counts.values()):
+        return ""
+    text_case, vocab_case = ("lower", "upper") if lower >= upper else ("upper", "lower")
+    return (f"Case mismatch: the text is {text_case} case, the vocabulary {vocab_case} case: set "
+            f"target_case: {vocab_case} (the CTC recipes' key).\n")
+
+
 def run_preflight(splits, vocab, label_check, mode="error",
                   max_oov_rate=0.005, duration_tolerance=0.1, report_path=None):
     """Validate manifests before training; return ``{split: set of IDs to drop}``.
@@ -203,7 +216,8 @@ def run_preflight(splits, vocab, label_check, mode="error",
                  f"{[c for c, _ in report.oov[s].most_common(8)]}" for s, r in oov_failures.items()]
         raise PreflightError(
             "Text does not match the model vocabulary:\n" + "\n".join(lines)
-            + f"\nVocabulary: {''.join(sorted(vocab))!r}\nFix: normalise transcripts the way the "
+            + f"\nVocabulary: {''.join(sorted(vocab))!r}\n" + case_hint(report.oov, vocab)
+            + "Fix: normalise transcripts the way the "
             "vocabulary expects (case, script, `language` normaliser), or rebuild the vocabulary "
             "from training text that covers these characters. Tolerated: "
             f"{max_oov_rate:.1%} (preflight_max_oov_rate)."

@@ -129,7 +129,7 @@ def build_experiment(hparams, run_opts, prepare, family):
 
     brain = setup.brain_class(modules=setup.modules(), hparams=hparams, run_opts=run_opts,
                               checkpointer=hparams["checkpointer"])
-    run_on_main(record_run, args=[hparams, setup])
+    run_on_main(record_run, args=[hparams, setup, brain.optimizer_step_limit])
     setup.configure(brain)
     brain.groups = {split: {i: {c: r.get(c, "") for c in groups} for i, r in split_rows.items()}
                     for split, split_rows in rows.items() if split != "train"} if groups else None
@@ -139,15 +139,18 @@ def build_experiment(hparams, run_opts, prepare, family):
     return Experiment(brain, train, valid, tests, loader_kwargs)
 
 
-def record_run(hparams, setup):
+def record_run(hparams, setup, step_limit):
     """Write what the tools need to evaluate and export this run without its yaml:
-    ``<output_folder>/run.json`` (the command that trains it, from where, the family's inference
-    settings) and ``<save_folder>/model_files/`` (the model's HF config, feature extractor and
-    tokenizer files; the weights are in the checkpoints)."""
+    ``<output_folder>/run.json`` (the command that trains it, from where, its epochs and
+    optimizer-step limit, the family's inference settings) and ``<save_folder>/model_files/``
+    (the model's HF config, feature extractor and tokenizer files; the weights are in the
+    checkpoints)."""
     run_file = Path(hparams["output_folder"]) / "run.json"
     info = {"family": setup.name, "script": str(Path(sys.argv[0]).resolve()),
             "cwd": os.getcwd(), "argv": sys.argv[1:],
-            "epochs": hparams["epoch_counter"].limit, **setup.inference_settings()}
+            "epochs": hparams["epoch_counter"].limit,
+            "optimizer_step_limit": step_limit,
+            **setup.inference_settings()}
     tmp = run_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(info, indent=1, ensure_ascii=False))
     os.replace(tmp, run_file)

@@ -62,6 +62,55 @@ def micro_whisper_en_dir(tmp_path_factory):
                               **{**MICRO_WHISPER, "multilingual": False})
 
 
+# wav2vec2-large-960h's vocabulary in its id order: <pad> (the CTC blank), <s>, </s>, <unk>, the
+# word delimiter |, then upper-case letters by frequency and the apostrophe
+VOCAB_960H = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'XJQZ"]
+
+
+@pytest.fixture(scope="session")
+def micro_ctc_960h_dir(tmp_path_factory):
+    """A micro ``Wav2Vec2ForCTC`` laid out like facebook/wav2vec2-large-960h: its vocabulary and
+    tokenizer, a CTC head, a group-norm CNN and a feature extractor without attention masks."""
+    import json
+
+    import torch
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+    )
+
+    path = tmp_path_factory.mktemp("micro_960h")
+    torch.manual_seed(0)
+    config = {k: v for k, v in MICRO_ENCODER.items() if k != "model_type"}
+    config.update(feat_extract_norm="group", do_stable_layer_norm=False,
+                  vocab_size=len(VOCAB_960H), pad_token_id=0, ctc_loss_reduction="mean")
+    Wav2Vec2ForCTC(Wav2Vec2Config(**config)).save_pretrained(path)
+    (path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(VOCAB_960H)}))
+    tokenizer = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), unk_token="<unk>",
+                                     pad_token="<pad>", word_delimiter_token="|")
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                         do_normalize=True, return_attention_mask=False)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def micro_whisper_multi_dir(tmp_path_factory):
+    """A micro multilingual Whisper (language and task prefix) saved in HF format, its BPE
+    trained on the bundled English and Danish text (æ, ø, å round-trip)."""
+    from speechtune.models import build_tiny_whisper
+
+    texts = []
+    for language in ("en", "da"):
+        with open(SYNTHETIC / language / "train.csv", newline="", encoding="utf-8") as f:
+            texts += [row["wrd"] for row in csv.DictReader(f)]
+    return build_tiny_whisper(tmp_path_factory.mktemp("micro_whisper_multi"), texts,
+                              **MICRO_WHISPER)
+
+
 def write_subset(src_dir, dst_dir, counts):
     """Copy the first ``counts[split]`` rows of each bundled manifest, wav paths made absolute."""
     dst_dir.mkdir(parents=True, exist_ok=True)

@@ -97,12 +97,14 @@ def evaluate_average(run, k):
     if "epochs" not in info:
         raise SystemExit(f"{out}/run.json predates the record of the epochs to train: run "
                          f"{command} once (a finished run then only tests), then average.")
-    if not (latest["end-of-epoch"] and latest["epoch"] >= info["epochs"]):
+    limit = info.get("optimizer_step_limit")  # absent from run.json files of older runs
+    if not ((latest["end-of-epoch"] and latest["epoch"] >= info["epochs"])
+            or (limit and (latest["step"] or 0) >= limit)):
         raise SystemExit(
             f"{out} is not a finished run (latest checkpoint: epoch {latest['epoch']}, "
-            f"{'end of epoch' if latest['end-of-epoch'] else 'mid-epoch'}; epochs to train: "
-            f"{info['epochs']}): rerunning its command would train first. Finish it with "
-            f"{command}, then average.")
+            f"{'end of epoch' if latest['end-of-epoch'] else 'mid-epoch'}, step {latest['step']}; "
+            f"epochs to train: {info['epochs']}, step limit: {limit}): rerunning its command "
+            f"would train first. Finish it with {command}, then average.")
     argv = [a for a in info["argv"] if not a.startswith("--average_best")]
     command = [sys.executable, info["script"], *argv, f"--average_best={k}"]
     print("running:", " ".join(command[1:]), f"(in {info['cwd']})", flush=True)
