@@ -111,6 +111,87 @@ def micro_whisper_multi_dir(tmp_path_factory):
                               **MICRO_WHISPER)
 
 
+# CoRal's read-aloud schema (build_coral_asr.py; a subset of its recording/validation columns)
+def coral_schema():
+    import pyarrow as pa
+
+    audio = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return pa.schema([("id_recording", pa.string()), ("id_sentence", pa.string()),
+                      ("id_speaker", pa.string()), ("text", pa.string()),
+                      ("location", pa.string()), ("age", pa.int64()), ("gender", pa.string()),
+                      ("dialect", pa.string()), ("country_birth", pa.string()),
+                      ("validated", pa.string()), ("audio", audio), ("asr_cer", pa.float64())])
+
+
+def write_parquet(path, records, schema):
+    """One parquet shard of ``records`` (dicts) with ``schema``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
+
+
+def make_coral_snapshot(root, counts):
+    """A CoRal snapshot in the hub's layout (``read_aloud/<split>-0000i-of-0000n.parquet``, train
+    in two shards) from the first ``counts[split]`` bundled Danish utterances of the matching
+    split (val <- valid): WAV bytes, speakers, two dialects, ages and genders."""
+    dialects, ages = ("fynsk", "sønderjysk"), (22, 37, 61)
+    for split, n in counts.items():
+        with open(SYNTHETIC / "da" / f"{'valid' if split == 'val' else split}.csv",
+                  newline="", encoding="utf-8") as f:
+            rows = [r for _, r in zip(range(n), csv.DictReader(f), strict=False)]
+        records = [{
+            "id_recording": f"rec_{split}_{i:04d}", "id_sentence": f"sen_{i}",
+            "id_speaker": r["spk_id"], "text": r["wrd"].capitalize() + ".", "location": "x",
+            "age": ages[i % 3], "gender": r["gender"], "dialect": dialects[i % 2],
+            "country_birth": "DK", "validated": "approved", "asr_cer": 0.0,
+            "audio": {"bytes": (SYNTHETIC / r["wav"].replace("$data_root/", "")).read_bytes(),
+                      "path": f"rec_{split}_{i:04d}.flac"},
+        } for i, r in enumerate(rows)]
+        shards = [records[: n // 2], records[n // 2:]] if split == "train" else [records]
+        for k, shard in enumerate(shards):
+            write_parquet(root / "read_aloud" / f"{split}-{k:05d}-of-{len(shards):05d}.parquet",
+                          shard, coral_schema())
+    return root
+
+
+CV_HEADER = ["client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes",
+             "down_votes", "age", "gender", "accents", "variant", "locale", "segment"]
+
+
+def make_commonvoice_release(root, language, counts):
+    """A CommonVoice locale folder in a release's layout (``train.tsv``, ``dev.tsv``,
+    ``test.tsv``, ``validated.tsv``, ``clips/*.mp3`` at 48 kHz) from the first ``counts[split]``
+    bundled utterances of ``language`` (dev <- valid); sentences capitalised with a full stop,
+    speakers as client ids, CommonVoice's gender and age values."""
+    import soundfile as sf
+    import torch
+    import torchaudio
+
+    folder = root / f"cv-corpus-99.0/{language}"
+    (folder / "clips").mkdir(parents=True)
+    genders = {"male": "male_masculine", "female": "female_feminine"}
+    lines = {}
+    for split, n in counts.items():
+        with open(SYNTHETIC / language / f"{'valid' if split == 'dev' else split}.csv",
+                  newline="", encoding="utf-8") as f:
+            rows = [r for _, r in zip(range(n), csv.DictReader(f), strict=False)]
+        lines[split] = []
+        for i, r in enumerate(rows):
+            clip = f"common_voice_{language}_{split}_{i}.mp3"
+            x, rate = sf.read(SYNTHETIC / r["wav"].replace("$data_root/", ""), dtype="float32")
+            y = torchaudio.functional.resample(torch.from_numpy(x), rate, 48000).numpy()
+            sf.write(folder / "clips" / clip, y, 48000, format="MP3")
+            lines[split].append("\t".join([
+                r["spk_id"], clip, f"s{split}{i}", r["wrd"].capitalize() + ".", "", "2", "0",
+                ("twenties", "fifties")[i % 2], genders[r["gender"]], "", "", language, ""]))
+    for name, split_lines in [*lines.items(), ("validated", sum(lines.values(), []))]:
+        (folder / f"{name}.tsv").write_text(
+            "\n".join(["\t".join(CV_HEADER), *split_lines]) + "\n", encoding="utf-8")
+    return folder
+
+
 def write_subset(src_dir, dst_dir, counts):
     """Copy the first ``counts[split]`` rows of each bundled manifest, wav paths made absolute."""
     dst_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,394 @@
+"""CommonVoice: one locale folder of a release (``<locale>/*.tsv`` + ``clips/*.mp3``) -> CSVs.
+
+The TSVs are read by column name (releases differ in their columns) and without quote handling
+(CommonVoice does not quote fields); the sentence is kept as written (the recipe normalises it)
+and every clip left out is listed, with its reason, in ``<save_folder>/skipped_<split>.tsv``.
+Audio is either decoded and resampled from the mp3 at every epoch (``resample="on_the_fly"``)
+or converted once to FLAC at the model's rate (``"once"``); ``local/measure_audio_decoding.py``
+measures what each costs.
+"""
+
+import json
+import logging
+import multiprocessing
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+import soundfile as sf
+import torch
+
+from speechtune.data import load_audio, write_manifest
+from speechtune.recipe import Manifests
+from speechtune.text import get_normalizer
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test")
+TRAIN_TSVS = ("train", "validated")
+RESAMPLE = ("on_the_fly", "once")
+REQUIRED = ("client_id", "path", "sentence")
+GROUPS = {"gender": ("gender",), "age": ("age",), "accents": ("accents", "accent")}  # old: accent
+COLUMNS = ["ID", "duration", "wav", "spk_id", "wrd", *GROUPS]
+LAYOUT = ("data_folder must be the locale folder of an extracted CommonVoice release, e.g. "
+          ".../cv-corpus-17.0/da (holding train.tsv, dev.tsv, test.tsv and clips/*.mp3)")
+_VARIABLE = re.compile(r"\$[\w.]")  # SpeechBrain's CSV reader expands "$name" in every field
+
+
+def read_tsv(path):
+    """The rows of a CommonVoice TSV as dicts keyed by its header, and ``[(clip, reason)]`` for
+    the lines that cannot be rows.
+
+    A line with more fields than the header has tabs inside its sentence: the extra fields are
+    joined back into the sentence with a space (the columns around it are fixed). A line with
+    fewer fields is skipped.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    header = lines[0].rstrip("\r").split("\t") if lines else []
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} (header: {header}). Fix: give the "
+                         f"TSVs of a CommonVoice release as extracted; {LAYOUT}.")
+    where = {name: header.index(name) for name in REQUIRED}
+    rows, skipped = [], []
+    for number, line in enumerate(lines[1:], 2):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        extra = len(fields) - len(header)
+        if extra < 0:
+            clip = fields[where["path"]] if where["path"] < len(fields) else f"line {number}"
+            skipped.append((clip, f"{path.name} line {number}: {len(fields)} fields, the header "
+                                  f"has {len(header)}"))
+            continue
+        if extra:
+            s = where["sentence"]
+            fields[s:s + extra + 1] = [" ".join(fields[s:s + extra + 1])]
+        rows.append(dict(zip(header, fields, strict=True)))
+    return rows, skipped
+
+
+def read_clip_durations(folder):
+    """``{clip file name: seconds}`` from ``clip_durations.tsv`` (milliseconds), or None."""
+    path = Path(folder) / "clip_durations.tsv"
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    header = lines[0].split("\t") if lines else []
+    if "clip" not in header or not any(h.startswith("duration") for h in header):
+        raise ValueError(f"{path}: expected columns clip and duration[ms], got {header}. Fix: "
+                         "restore the file from the release or delete it (durations are then "
+                         "read from the mp3 headers).")
+    clip = header.index("clip")
+    ms = next(i for i, h in enumerate(header) if h.startswith("duration"))
+    out = {}
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) == len(header) and fields[ms].strip():
+            out[fields[clip]] = float(fields[ms]) / 1000.0
+    return out
+
+
+def _clip_name(path):
+    """The clip's file name (very old releases list it without the ``.mp3``)."""
+    return path if Path(path).suffix else f"{path}.mp3"
+
+
+def clean_rows(rows, normalize, tsv_name):
+    """Contract fields of usable rows, and ``[(clip, reason)]`` for the others.
+
+    ``wrd`` is the sentence NFC-composed with whitespace collapsed; a sentence that is empty,
+    normalises to nothing (only punctuation), or holds ``$name`` (which SpeechBrain's CSV reader
+    would try to expand) is skipped, as is a clip listed twice.
+    """
+    group_columns = {g: next((n for n in names if n in (rows[0] if rows else {})), None)
+                     for g, names in GROUPS.items()}
+    out, skipped, seen = [], [], set()
+    for row in rows:
+        clip = _clip_name(row["path"].strip()) if row["path"].strip() else "-"
+        wrd = " ".join(unicodedata.normalize("NFC", row["sentence"]).split())
+        reason = None
+        if clip == "-":
+            reason = f"empty path in {tsv_name}"
+        elif clip in seen:
+            reason = f"listed twice in {tsv_name}"
+        elif not wrd:
+            reason = "empty sentence"
+        elif not normalize(wrd):
+            reason = f"sentence {wrd!r} is empty after text normalisation"
+        elif _VARIABLE.search(wrd):
+            reason = f"sentence {wrd!r} holds '$name', which SpeechBrain's CSV reader expands"
+        if reason:
+            skipped.append((clip, reason))
+            continue
+        seen.add(clip)
+        groups = {g: (row[c].strip() if c else "") or "unknown" for g, c in group_columns.items()}
+        speaker = row["client_id"].strip() or "unknown"
+        out.append({"ID": Path(clip).stem, "clip": clip, "spk_id": speaker, "wrd": wrd, **groups})
+    return out, skipped
+
+
+def exclude_dev_test(rows, folder, normalize):
+    """``validated.tsv`` rows whose speaker and sentence are in neither dev.tsv nor test.tsv,
+    and ``[(clip, reason)]`` for the excluded ones (no speaker or sentence leaks into testing)."""
+    speakers, sentences = set(), set()
+    for name in ("dev", "test"):
+        for row in read_tsv(_tsv(folder, name))[0]:
+            speakers.add(row["client_id"].strip())
+            sentences.add(normalize(row["sentence"]))
+    sentences.discard("")
+    kept, excluded = [], []
+    for row in rows:
+        if row["spk_id"] in speakers:
+            excluded.append((row["clip"], "speaker in dev.tsv or test.tsv"))
+        elif normalize(row["wrd"]) in sentences:
+            excluded.append((row["clip"], "sentence in dev.tsv or test.tsv"))
+        else:
+            kept.append(row)
+    return kept, excluded
+
+
+def _info(path):
+    """``(seconds, None)`` from the audio file's header, or ``(None, error)``."""
+    try:
+        info = sf.info(path)
+    except Exception as err:  # soundfile raises several types for broken files
+        return None, f"unreadable audio ({err})"
+    if info.frames <= 0:
+        return None, "audio has no samples"
+    return info.frames / info.samplerate, None
+
+
+def convert_clip(job):
+    """Decode ``src``, resample it and write ``dst`` as 16-bit FLAC, unless ``dst`` exists:
+    ``(seconds, None)`` or ``(None, error)``. The write goes to a temporary name first, so a
+    killed conversion never leaves a truncated file that looks done."""
+    src, dst, sample_rate = job
+    if not os.path.exists(dst):
+        try:
+            sig = load_audio(src, sample_rate).clamp_(-1.0, 1.0).numpy()
+        except Exception as err:
+            return None, f"cannot decode audio ({err})"
+        if sig.size == 0:
+            return None, "audio has no samples"
+        tmp = f"{dst}.{os.getpid()}.tmp"
+        sf.write(tmp, sig, sample_rate, format="FLAC", subtype="PCM_16")
+        os.replace(tmp, dst)
+    return _info(dst)
+
+
+def _map(fn, jobs, num_workers):
+    """``[fn(job)]``, in ``num_workers`` processes when more than one (each single-threaded)."""
+    if num_workers <= 1 or len(jobs) < 2:
+        return [fn(job) for job in jobs]
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    chunk = max(1, min(256, len(jobs) // (num_workers * 16)))
+    with context.Pool(num_workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return pool.map(fn, jobs, chunksize=chunk)
+
+
+def _split_by_result(rows, results):
+    """Rows with ``duration`` set from ``(seconds, error)`` results, and the failed ones."""
+    kept, skipped = [], []
+    for row, (seconds, error) in zip(rows, results, strict=True):
+        if error:
+            skipped.append((row["clip"], error))
+        else:
+            kept.append({**row, "duration": seconds})
+    return kept, skipped
+
+
+def _filter_duration(rows, min_duration, max_duration):
+    kept, skipped = [], []
+    for row in rows:
+        if min_duration is not None and row["duration"] < min_duration:
+            skipped.append((row["clip"], f"{row['duration']:.3f} s < min_duration "
+                                         f"{min_duration} s"))
+        elif max_duration is not None and row["duration"] > max_duration:
+            skipped.append((row["clip"], f"{row['duration']:.3f} s > max_duration "
+                                         f"{max_duration} s"))
+        else:
+            kept.append(row)
+    return kept, skipped
+
+
+def _tsv(folder, name):
+    path = Path(folder) / f"{name}.tsv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {LAYOUT}.")
+    return path
+
+
+def _write_skipped(path, skipped, split):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("clip\treason\n")
+        f.writelines(f"{clip}\t{' '.join(reason.split())}\n" for clip, reason in skipped)
+    tmp.replace(path)
+    if skipped:
+        logger.warning("CommonVoice %s: %d clip(s) skipped; clip and reason in %s", split,
+                       len(skipped), path)
+
+
+def _prepare_split(folder, save_folder, split, tsv_name, settings, num_workers):
+    """Rows of one split, every skip written to ``skipped_<split>.tsv``; the manifest rows."""
+    normalize = get_normalizer(settings["language"])
+    rows, skipped = read_tsv(_tsv(folder, tsv_name))
+    rows, dropped = clean_rows(rows, normalize, f"{tsv_name}.tsv")
+    skipped += dropped
+    if tsv_name == "validated":
+        rows, excluded = exclude_dev_test(rows, folder, normalize)
+        skipped += excluded
+        logger.info("CommonVoice %s: %d validated clip(s) excluded, their speaker or sentence "
+                    "is in dev.tsv or test.tsv", split, len(excluded))
+    present = set(os.listdir(folder / "clips"))
+    skipped += [(r["clip"], "clip file not found in clips/") for r in rows
+                if r["clip"] not in present]
+    rows = [r for r in rows if r["clip"] in present]
+    known = read_clip_durations(folder) or {}
+    unknown = [r for r in rows if r["clip"] not in known]
+    results = iter(_map(_info, [str(folder / "clips" / r["clip"]) for r in unknown], num_workers))
+    rows, dropped = _split_by_result(
+        rows, [(known[r["clip"]], None) if r["clip"] in known else next(results) for r in rows])
+    skipped += dropped
+    lo, hi = settings["min_duration"], settings["max_duration"]
+    rows, dropped = _filter_duration(rows, lo, hi)
+    skipped += dropped
+    if settings["resample"] == "once":
+        out_dir = save_folder / f"clips_{settings['sample_rate']}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob("*.tmp"):  # left by a killed conversion
+            stale.unlink()
+        for r in rows:
+            r["wav"] = str((out_dir / f"{r['ID']}.flac").resolve())
+        jobs = [(str(folder / "clips" / r["clip"]), r["wav"], settings["sample_rate"])
+                for r in rows]
+        rows, dropped = _split_by_result(rows, _map(convert_clip, jobs, num_workers))
+        skipped += dropped
+        rows, dropped = _filter_duration(rows, lo, hi)  # again, on the decoded durations
+        skipped += dropped
+    else:
+        for r in rows:
+            r["wav"] = f"$data_root/clips/{r['clip']}"
+    report = save_folder / f"skipped_{split}.tsv"
+    _write_skipped(report, skipped, split)
+    if not rows:
+        raise ValueError(f"CommonVoice {split}: no usable clip in {folder / (tsv_name + '.tsv')}"
+                         f" ({len(skipped)} skipped; reasons in {report}). Fix: check the "
+                         f"reasons, the duration limits, and that clips/ holds the mp3 files.")
+    return [{**{c: r[c] for c in COLUMNS}, "duration": f"{r['duration']:.3f}"} for r in rows]
+
+
+def prepare_commonvoice(data_folder, save_folder, language, splits=SPLITS, train_tsv="train",
+                        resample="on_the_fly", sample_rate=16000, min_duration=None,
+                        max_duration=None, num_workers=1, skip_existing=True):
+    """Write one manifest per CommonVoice split.
+
+    Parameters
+    ----------
+    data_folder : str or Path
+        The locale folder of an extracted release, e.g. ``.../cv-corpus-17.0/da``, holding
+        ``train.tsv``, ``dev.tsv``, ``test.tsv`` (``validated.tsv`` for ``train_tsv=
+        "validated"``), ``clips/*.mp3`` and optionally ``clip_durations.tsv``.
+    save_folder : str or Path
+        Where ``<split>.csv``, ``skipped_<split>.tsv`` and (``resample="once"``)
+        ``clips_<sample_rate>/`` go.
+    language : str
+        Language code of the locale; its normaliser (``speechtune.text``) decides which
+        sentences have no text left (skipped). ``wrd`` itself is not normalised.
+    splits : sequence of str
+        Any of ``SPLITS``.
+    train_tsv : str
+        ``"train"`` (train.tsv) or ``"validated"``: validated.tsv less every clip whose speaker
+        (``client_id``) or sentence is in dev.tsv or test.tsv (more data, no leak into testing).
+    resample : str
+        ``"on_the_fly"``: ``wav`` points at the mp3 (decoded and resampled at every epoch);
+        ``"once"``: each clip is decoded once and written as 16-bit FLAC at ``sample_rate``
+        (resumable: existing FLACs are kept).
+    sample_rate : int
+        The model's sample rate (Hz), for ``resample="once"``.
+    min_duration, max_duration : float or None
+        Seconds; clips outside are skipped (and reported). None: no limit.
+    num_workers : int
+        Processes reading mp3 headers (without ``clip_durations.tsv``) and converting clips.
+    skip_existing : bool
+        Keep a split's CSV made earlier with the same settings (``<split>.csv.source.json``);
+        different settings rewrite it.
+
+    Returns
+    -------
+    dict mapping split name to CSV path. Each CSV has columns
+    ``ID,duration,wav,spk_id,wrd,gender,age,accents``: ``ID`` the clip's file stem,
+    ``duration`` seconds (clip_durations.tsv, else the mp3 header; the FLAC with ``once``),
+    ``wav`` ``$data_root/clips/<clip>.mp3`` (``$data_root`` = ``data_folder``) or the absolute
+    path of ``<save_folder>/clips_<sample_rate>/<ID>.flac``, ``spk_id`` the ``client_id``,
+    ``wrd`` the sentence as written (NFC, whitespace collapsed), the groups as in the TSV
+    (``unknown`` when empty). Skipped clips: ``<save_folder>/skipped_<split>.tsv``
+    (``clip``, ``reason``).
+    """
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample={resample!r}: choose from {RESAMPLE} ('on_the_fly' decodes "
+                         "the mp3 at every epoch, 'once' converts the clips to FLAC first)")
+    if train_tsv not in TRAIN_TSVS:
+        raise ValueError(f"train_tsv={train_tsv!r}: choose from {TRAIN_TSVS} ('validated' is "
+                         "validated.tsv less the dev/test speakers and sentences)")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"Unknown CommonVoice split(s) {unknown}; choose from {SPLITS}")
+    get_normalizer(language)  # fails early, naming how to add a language
+    folder, save_folder = Path(data_folder).expanduser(), Path(save_folder)
+    if not folder.is_dir() or not (folder / "train.tsv").is_file():
+        raise FileNotFoundError(f"{folder / 'train.tsv'} not found: {LAYOUT}.")
+    if not (folder / "clips").is_dir():
+        raise FileNotFoundError(f"{folder / 'clips'} not found: {LAYOUT}.")
+    save_folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split in splits:
+        tsv_name = train_tsv if split == "train" else split
+        csv_path = save_folder / f"{split}.csv"
+        out[split] = str(csv_path)
+        settings = {"data_folder": str(folder.resolve()), "tsv": f"{tsv_name}.tsv",
+                    "language": language, "resample": resample,
+                    "sample_rate": sample_rate if resample == "once" else None,
+                    "min_duration": min_duration, "max_duration": max_duration}
+        stamp = csv_path.with_name(csv_path.name + ".source.json")
+        if (skip_existing and csv_path.is_file() and stamp.is_file()
+                and json.loads(stamp.read_text(encoding="utf-8")) == settings):
+            logger.info("%s exists, skipping preparation of %s", csv_path, split)
+            continue
+        rows = _prepare_split(folder, save_folder, split, tsv_name, settings, num_workers)
+        write_manifest(csv_path, rows, COLUMNS)
+        stamp.write_text(json.dumps(settings), encoding="utf-8")
+        logger.info("wrote %s (%d clips)", csv_path, len(rows))
+    return out
+
+
+def prepare_commonvoice_recipe(hparams):
+    """A recipe's manifests: the train split, dev as valid, test, all whole.
+
+    The recipe drops training clips outside its ``min_duration``/``max_duration`` itself, so one
+    prepared folder (manifests and, with ``resample: once``, the FLAC copies) serves every
+    recipe and run of a language that points ``manifest_folder`` at it.
+
+    Parameters
+    ----------
+    hparams : dict
+        ``data_folder`` (the locale folder, e.g. ``.../cv-corpus-17.0/da``), ``manifest_folder``,
+        ``language``, ``train_tsv`` (``train`` or ``validated``), ``resample`` (``on_the_fly`` or
+        ``once``), ``sample_rate`` and ``prepare_workers``.
+
+    Returns
+    -------
+    Manifests
+        ``train``, ``valid`` (dev.tsv) and ``tests={"test": ...}`` CSVs in the manifest contract
+        plus the ``gender``, ``age`` and ``accents`` group columns (see ``prepare_commonvoice``).
+    """
+    csvs = prepare_commonvoice(
+        hparams["data_folder"], hparams["manifest_folder"], hparams["language"],
+        train_tsv=hparams["train_tsv"], resample=hparams["resample"],
+        sample_rate=hparams["sample_rate"], num_workers=hparams["prepare_workers"])
+    return Manifests(train=csvs["train"], valid=csvs["dev"], tests={"test": csvs["test"]})

@@ -1,0 +1,398 @@
+"""CoRal (Danish): the hub's parquet shards (audio bytes + metadata) -> 16 kHz FLAC + manifests.
+
+CoRal is the HF dataset ``alexandrainst/coral`` (later copies ``CoRal-project/coral``, ``-v2``,
+``-v3``): ``huggingface-cli download alexandrainst/coral --repo-type dataset --local-dir
+DATA_FOLDER`` (``--include "read_aloud/*"`` for one subset). What this relies on, from the code
+that builds and evaluates the corpus (github.com/alexandrainst/coral):
+
+- Subsets (HF configs) ``read_aloud`` and ``conversation``; splits ``train``, ``val``, ``test``
+  (``src/scripts/build_coral_asr.py``: ``split_dataset``, and ``upload_dataset`` calling
+  ``push_to_hub(config_name=..., max_shard_size="500MB")``).
+- Shards: ``push_to_hub`` writes ``<config>/<split>-00000-of-000NN.parquet`` (datasets'
+  ``data_dir = config_name``; older versions append ``-<fingerprint>``); the hub's
+  parquet-converter branch has ``<config>/<split>/0000.parquet``. Both are accepted, also under
+  ``data/<config>/`` or with DATA_FOLDER the config folder itself.
+- Columns (``DATASET_README.md``, ``build_read_aloud_dataset``): ``id_recording``,
+  ``id_sentence``, ``id_speaker``, ``text``, ``age``, ``gender``, ``dialect``,
+  ``country_birth``, ``validated``, ``audio`` (HF ``Audio``: struct ``{bytes, path}`` holding
+  the WAV file), and recording/ASR-validation columns not used here. The conversation subset
+  has ``id_conversation`` (``<conversation>_<segment>``, one per utterance) instead of
+  ``id_recording`` (``build_conversation_dataset``). Also accepted: ``id_segment``, ``id``;
+  ``speaker_id``.
+- Values: ``age`` an int in the SQLite-built releases, a string ("26") in the v3 card
+  (``README_full_conversations_redacted.md``). ``gender`` ``female``/``male``/``nonbinary``
+  (``get_coral_split_ids.py``; the card writes ``non-binary``: read as ``nonbinary``).
+  ``dialect`` is the self-reported sub-dialect in lower case, which CoRal's evaluation maps to
+  9 groups, with ``Non-native`` for a ``country_birth`` other than ``DK`` (``config/
+  evaluation.yaml`` ``sub_dialect_to_dialect``; ``src/coral/evaluate.py``); the manifests
+  hold those groups (``DIALECTS``; an unmapped value is kept as written).
+  Age groups ``0-24``, ``25-49``, ``50+``: the card's and the split script's (``AgeGroup``
+  bounds ``[0, 25), [25, 50), [50, -)``). Rows with ``validated == "rejected"`` are dropped, as
+  CoRal's ``filter_example`` does. Not confirmed: the v3 utterance-level shard and column names
+  (no card found), hence the aliases.
+"""
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import soundfile as sf
+import torch
+import torchaudio
+
+from speechtune.data import write_manifest
+from speechtune.recipe import Manifests
+from speechtune.text import get_normalizer
+
+logger = logging.getLogger(__name__)
+
+SUBSETS = ("read_aloud", "conversation")
+SPLITS = ("train", "val", "test")
+GROUPS = ["dialect", "gender", "age_group"]
+COLUMNS = ["ID", "duration", "wav", "spk_id", "wrd", *GROUPS]
+UNKNOWN = "unknown"
+# input field -> accepted column names (first present wins); OPTIONAL ones missing -> unknown
+FIELDS = {"id": ("id_recording", "id_segment", "id_conversation", "id"), "text": ("text",),
+          "audio": ("audio",)}
+OPTIONAL = {"speaker": ("id_speaker", "speaker_id"), "age": ("age",), "gender": ("gender",),
+            "dialect": ("dialect",), "country_birth": ("country_birth",),
+            "validated": ("validated",)}
+AGE_GROUPS = ((0, 25, "0-24"), (25, 50, "25-49"), (50, None, "50+"))
+NON_NATIVE = "Non-native"
+# CoRal's sub_dialect_to_dialect (config/evaluation.yaml), grouped by dialect
+DIALECTS = {
+    "Bornholmsk": ("bornholmsk",),
+    "Fynsk": ("fynsk", "sydfynsk", "vestfynsk (nordvest-, sydvestfynsk)", "langelandsk"),
+    "Københavnsk": ("amagermål",),
+    "Nordjysk": ("nørrejysk", "vendsysselsk (m. hanherred og læsø)", "himmerlandsk"),
+    "Sjællandsk": ("sjællandsk", "nordsjællandsk", "nordvestsjællandsk", "østsjællandsk",
+                   "sydsjællandsk (sydligt sydsjællandsk)", "sydvestsjællandsk"),
+    "Sydømål": ("sydømål", "nordfalstersk", "sydfalstersk", "lollandsk"),
+    "Sønderjysk": ("sønderjysk", "østligt sønderjysk (m. als)",
+                   "vestlig sønderjysk (m. mandø og rømø)",
+                   "syd for rigsgrænsen: mellemslesvisk, angelmål, fjoldemål"),
+    "Vestjysk": ("vestjysk", "thybomål", "morsingmål", "sydvestjysk (m. fanø)", "sallingmål",
+                 "fjandbomål"),
+    "Østjysk": ("østjysk", "midtøstjysk", "sydøstjysk", "ommersysselsk",
+                "djurslandsk (nord-, syddjurs m. nord- og sydsamsø, anholt)"),
+}
+SUB_DIALECT = {sub: group for group, subs in DIALECTS.items()
+               for sub in (*subs, group.lower())}
+DOWNLOAD = ("huggingface-cli download alexandrainst/coral --repo-type dataset "
+            "--local-dir {folder}")
+BATCH_ROWS = 32  # rows decoded at a time: a shard holds ~500 MB of audio, a batch a few MB
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SPACES = re.compile(r"\s+")
+
+
+class _Skip(Exception):
+    """A row that cannot be used; the message is the reason written to the skip report."""
+
+
+def clean_text(text):
+    """The transcript as written: NFC, whitespace collapsed (letters and case untouched)."""
+    return _SPACES.sub(" ", unicodedata.normalize("NFC", text or "")).strip()
+
+
+def _label(value):
+    """A metadata value as a group label: NFC, trimmed, whitespace collapsed; empty -> None."""
+    return None if value is None else clean_text(str(value)) or None
+
+
+def age_group(age):
+    """``0-24``, ``25-49`` or ``50+`` for an age given as int or string; else ``unknown``."""
+    try:
+        years = int(float(str(age).strip()))
+    except (ValueError, OverflowError):
+        return UNKNOWN
+    return next((name for low, high, name in AGE_GROUPS
+                 if low <= years < (high or 130)), UNKNOWN)
+
+
+def dialect_group(dialect, country_birth):
+    """CoRal's dialect group: ``Non-native`` if born outside DK, else the mapped sub-dialect
+    (an unmapped value is kept as written, a missing one is ``unknown``)."""
+    country = _label(country_birth)
+    if country is not None and country.upper() != "DK":
+        return NON_NATIVE
+    value = _label(dialect)
+    if value is None:
+        return UNKNOWN
+    return SUB_DIALECT.get(value.lower(), value)
+
+
+def gender_label(gender):
+    """``female``, ``male``, ``nonbinary`` (either spelling) or the value as written."""
+    value = _label(gender)
+    if value is None:
+        return UNKNOWN
+    value = value.lower()
+    return "nonbinary" if value in ("non-binary", "non binary") else value
+
+
+def find_shards(data_folder, subset, split):
+    """The parquet shards of one subset and split, sorted; raise naming the folder and the fix."""
+    root = Path(data_folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"CoRal data folder {root} not found. Fix: download the dataset "
+                                f"there: {DOWNLOAD.format(folder=root)}")
+    for folder in (root / subset, root / "data" / subset, root):
+        for pattern in (f"{split}-*.parquet", f"{split}/*.parquet"):  # one layout, never both
+            shards = sorted(folder.glob(pattern))
+            if shards:
+                return shards
+    found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.parquet"))[:10]
+    raise FileNotFoundError(
+        f"No CoRal shards for subset '{subset}', split '{split}' under {root} (looked for "
+        f"{subset}/{split}-*.parquet and {subset}/{split}/*.parquet; parquet files found: "
+        f"{found or 'none'}). Fix: data_folder must be a snapshot of the dataset repo: "
+        f"{DOWNLOAD.format(folder=root)}")
+
+
+def shard_columns(shard):
+    """``{field: column}`` of one shard (required and present optional fields)."""
+    try:
+        names = pq.ParquetFile(shard).schema_arrow.names
+    except Exception as err:  # pyarrow raises several types for a broken file
+        with open(shard, "rb") as f:
+            lfs = f.read(40).startswith(b"version https://git-lfs")
+        hint = "a Git LFS pointer, not the data; " if lfs else ""
+        raise ValueError(f"{shard}: not a readable parquet file ({hint}{err}). Fix: download "
+                         f"it again: {DOWNLOAD.format(folder='DATA_FOLDER')}") from None
+    found = {}
+    for field, aliases in {**FIELDS, **OPTIONAL}.items():
+        present = [n for n in aliases if n in names]
+        if present:
+            found[field] = present[0]
+        elif field in FIELDS:
+            raise ValueError(
+                f"{shard}: no {' or '.join(f'`{n}`' for n in aliases)} column (columns found: "
+                f"{names}). Fix: data_folder must be a snapshot of alexandrainst/coral "
+                f"({DOWNLOAD.format(folder='DATA_FOLDER')}); a corpus in another layout can "
+                "use speechtune.prepare.custom instead.")
+    return found
+
+
+def _decode(audio, sample_rate):
+    """Mono float32 samples at ``sample_rate`` from the audio cell ({bytes, path} or bytes)."""
+    data = audio.get("bytes") if isinstance(audio, dict) else audio
+    if not data:
+        raise _Skip("audio bytes missing")
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as err:  # soundfile raises several types for undecodable bytes
+        raise _Skip(f"audio undecodable ({str(err).rsplit(': ', 1)[-1]})") from None
+    if samples.shape[0] == 0:
+        raise _Skip("audio has no samples")
+    signal = torch.from_numpy(samples).mean(dim=1)
+    if rate != sample_rate:
+        signal = torchaudio.functional.resample(signal, rate, sample_rate)
+    return signal.numpy()
+
+
+def _existing_duration(path, sample_rate):
+    """Seconds of an already written FLAC at ``sample_rate`` (resume), else None."""
+    try:
+        info = sf.info(str(path))
+    except Exception:  # absent or unreadable: write it again
+        return None
+    return info.frames / sample_rate if info.samplerate == sample_rate else None
+
+
+def _write_flac(path, signal, sample_rate):
+    """16-bit FLAC under a temporary name, then renamed: a killed run leaves no partial file."""
+    tmp = path.with_name(path.name + ".tmp")
+    sf.write(tmp, np.clip(signal, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
+    os.replace(tmp, path)
+
+
+def _utterance(value, utt_id, audio_dir, normalize, options):
+    """One manifest row from one record's ``{field: value}``; raise ``_Skip`` with the reason."""
+    if _label(value.get("validated")) == "rejected":
+        raise _Skip("validated: rejected")
+    text = clean_text(value["text"])
+    if not text:
+        raise _Skip("empty transcript")
+    if not normalize(text):
+        raise _Skip(f"transcript empty after the '{options['language']}' normaliser: {text!r}")
+    rate, low, high = options["sample_rate"], options["min_duration"], options["max_duration"]
+    path = audio_dir / f"{utt_id}.flac"
+    seconds = _existing_duration(path, rate)
+    signal = None
+    if seconds is None:
+        signal = _decode(value["audio"], rate)
+        seconds = len(signal) / rate
+    if low is not None and seconds < low:
+        raise _Skip(f"shorter than min_duration ({seconds:.2f} s < {low} s)")
+    if high is not None and seconds > high:
+        raise _Skip(f"longer than max_duration ({seconds:.2f} s > {high} s)")
+    if signal is not None:
+        _write_flac(path, signal, rate)
+    return {"ID": utt_id, "duration": f"{seconds:.3f}", "wav": str(path.resolve()),
+            "spk_id": _label(value.get("speaker")) or UNKNOWN, "wrd": text,
+            "dialect": dialect_group(value.get("dialect"), value.get("country_birth")),
+            "gender": gender_label(value.get("gender")), "age_group": age_group(value.get("age"))}
+
+
+def _safe_id(raw):
+    """A filename-safe utterance id (characters outside ``A-Za-z0-9._-`` become ``_``)."""
+    return _UNSAFE.sub("_", str(raw)).strip("._") if raw is not None else ""
+
+
+def _split_rows(shards, split, save_folder, options):
+    """Manifest rows of one split, and the skipped rows ``[id, shard, row, reason]``."""
+    normalize = get_normalizer(options["language"])
+    audio_dir = save_folder / "audio" / split
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    rows, skipped, first_seen, absent = [], [], {}, set()
+    for shard in shards:
+        columns = shard_columns(shard)
+        absent.update(f for f in OPTIONAL if f not in columns)
+        batches = pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS,
+                                                     columns=list(dict.fromkeys(columns.values())))
+        for number, record in enumerate(r for batch in batches for r in batch.to_pylist()):
+            value = {field: record.get(column) for field, column in columns.items()}
+            utt_id, where = _safe_id(value["id"]), f"{shard.name} row {number}"
+            if not utt_id:
+                skipped.append([value["id"], shard.name, number, "empty id"])
+                continue
+            if utt_id in first_seen:
+                raise ValueError(
+                    f"CoRal {split}: id {utt_id!r} (from {value['id']!r}) appears twice: "
+                    f"{first_seen[utt_id]} and {where} (under {shard.parent}). Fix: remove the "
+                    "second copy of the shard or row; ids must be unique within a split.")
+            first_seen[utt_id] = where
+            try:
+                rows.append(_utterance(value, utt_id, audio_dir, normalize, options))
+            except _Skip as reason:
+                skipped.append([utt_id, shard.name, number, _SPACES.sub(" ", str(reason))])
+    if absent:
+        logger.warning("CoRal %s: no %s column(s) in the shards; those fields are '%s'",
+                       split, sorted(absent), UNKNOWN)
+    return rows, skipped
+
+
+def _write_report(path, skipped):
+    """``id, shard, row, reason`` as TSV, written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["id", "shard", "row", "reason"])
+        writer.writerows(skipped)
+    os.replace(tmp, path)
+
+
+def prepare_coral(data_folder, save_folder, language="da", subset="read_aloud", splits=SPLITS,
+                  sample_rate=16000, min_duration=None, max_duration=None, skip_existing=True):
+    """Decode CoRal's parquet shards to FLAC files and write one manifest per split.
+
+    Parameters
+    ----------
+    data_folder : str or Path
+        A snapshot of the dataset repo (``huggingface-cli download alexandrainst/coral
+        --repo-type dataset --local-dir DATA_FOLDER``), holding ``<subset>/<split>-*.parquet``
+        or ``<subset>/<split>/*.parquet``.
+    save_folder : str or Path
+        Where ``<split>.csv``, ``skipped_<split>.tsv`` and ``audio/<split>/<ID>.flac`` go.
+    language : str
+        Normaliser (``speechtune.text``) that decides whether a transcript has any words.
+    subset : str
+        ``read_aloud`` or ``conversation``.
+    splits : sequence of str
+        Any of ``train``, ``val``, ``test``.
+    sample_rate : int
+        Rate of the written FLAC files (mono, 16-bit).
+    min_duration, max_duration : float or None
+        Skip utterances shorter/longer than this many seconds (None: no bound).
+    skip_existing : bool
+        Keep a split's CSV if it was written with the same options (and, where the shards are
+        still there, from the same shards); else prepare it again. Either way, FLAC files
+        already written at ``sample_rate`` are reused, so an interrupted preparation resumes.
+
+    Returns
+    -------
+    dict mapping split name to CSV path. Each CSV has columns ``ID, duration, wav, spk_id, wrd,
+    dialect, gender, age_group``: ``ID`` the row's ``id_recording`` (``id_conversation`` in the
+    conversation subset) made filename-safe, ``duration`` seconds of the decoded audio, ``wav``
+    the absolute path of ``audio/<split>/<ID>.flac``, ``spk_id`` the ``id_speaker``, ``wrd`` the
+    transcript as written (NFC, whitespace collapsed; the recipe normalises), ``dialect`` one of
+    CoRal's 9 dialect groups or ``Non-native``, ``gender`` as given, ``age_group`` ``0-24``,
+    ``25-49`` or ``50+``; missing metadata is ``unknown``. Rows that cannot be used (empty or
+    word-less transcript, missing or undecodable audio, ``validated == rejected``, outside the
+    duration bounds) are listed in ``skipped_<split>.tsv`` (``id, shard, row, reason``; rows
+    counted from 0 in each shard) and counted in a logged warning.
+    """
+    if subset not in SUBSETS:
+        raise ValueError(f"Unknown CoRal subset '{subset}'; choose from {SUBSETS}")
+    get_normalizer(language)  # an unknown language fails before any decoding
+    data_folder, save_folder = Path(data_folder), Path(save_folder)
+    options = {"subset": subset, "language": language, "sample_rate": int(sample_rate),
+               "min_duration": min_duration, "max_duration": max_duration}
+    out = {}
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"Unknown CoRal split '{split}'; choose from {SPLITS}")
+        csv_path = save_folder / f"{split}.csv"
+        stamp = save_folder / f"{split}.csv.source.json"
+        out[split] = str(csv_path)
+        try:
+            shards = find_shards(data_folder, subset, split)
+        except FileNotFoundError:
+            shards = None
+        source = {"options": options,
+                  "shards": [[p.name, p.stat().st_size] for p in shards or []]}
+        if skip_existing and csv_path.is_file() and stamp.is_file():
+            try:
+                done = json.loads(stamp.read_text(encoding="utf-8"))
+            except ValueError:  # a stamp cut short by a crash: prepare again
+                done = {}
+            if done.get("options") == options and (shards is None or done == source):
+                logger.info("%s is up to date, keeping it", csv_path)
+                continue
+        if shards is None:
+            find_shards(data_folder, subset, split)  # raises, naming the folder and the fix
+        rows, skipped = _split_rows(shards, split, save_folder, options)
+        report = save_folder / f"skipped_{split}.tsv"
+        _write_report(report, skipped)
+        if skipped:
+            logger.warning("CoRal %s: skipped %d of %d rows; see %s", split, len(skipped),
+                           len(rows) + len(skipped), report)
+        if not rows:
+            raise ValueError(f"CoRal {split}: no usable rows in {len(shards)} shard(s) under "
+                             f"{shards[0].parent} ({len(skipped)} skipped; reasons in {report}).")
+        write_manifest(csv_path, rows, COLUMNS)
+        stamp.write_text(json.dumps(source), encoding="utf-8")
+        logger.info("wrote %s (%d utterances)", csv_path, len(rows))
+    return out
+
+
+def prepare_coral_recipe(hparams):
+    """A recipe's manifests: CoRal train, val as valid, test, all whole.
+
+    The recipe drops training utterances outside its ``min_duration``/``max_duration`` itself,
+    so the prepared folder (manifests and extracted audio) is the same for every recipe and run
+    that points ``manifest_folder`` at it: the shards are decoded once.
+
+    Parameters
+    ----------
+    hparams : dict
+        ``data_folder`` (the dataset snapshot), ``manifest_folder``, ``language``,
+        ``coral_subset`` (``read_aloud`` or ``conversation``) and ``sample_rate``.
+
+    Returns
+    -------
+    Manifests
+        ``train.csv``, ``val.csv`` (valid) and ``test.csv`` (tests ``{"test": ...}``) in
+        ``manifest_folder``, columns as ``prepare_coral`` returns.
+    """
+    csvs = prepare_coral(hparams["data_folder"], hparams["manifest_folder"],
+                         language=hparams["language"], subset=hparams["coral_subset"],
+                         sample_rate=hparams["sample_rate"])
+    return Manifests(train=csvs["train"], valid=csvs["val"], tests={"test": csvs["test"]})
