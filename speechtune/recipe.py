@@ -4,6 +4,7 @@ A recipe's ``train.py`` only supplies its corpus preparation (``prepare(hparams)
 everything else, identical for every corpus, lives here.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -31,6 +32,11 @@ class Manifests:
 def load_hparams(argv):
     """Parse ``hparams.yaml [--key=value ...]``, load the yaml, create the output folder."""
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    if isinstance(run_opts.optimizer_step_limit, str):
+        # SpeechBrain 1.1's parser leaves this Optional[int] option a string: the documented
+        # --optimizer_step_limit=N would fail at the first batch ('>=' between int and str)
+        run_opts = dataclasses.replace(run_opts,
+                                       optimizer_step_limit=int(run_opts.optimizer_step_limit))
     sb.utils.distributed.ddp_init_group(run_opts)  # under torchrun: one process group per run
     with open(hparams_file, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)

@@ -20,6 +20,11 @@ RECIPE_TESTS = {
     "recipes/LibriSpeech/Whisper/hparams/whisper_small_en.yaml": "tests/test_librispeech.py",
     # the small recipe with another model name (a test in test_librispeech.py checks that)
     "recipes/LibriSpeech/Whisper/hparams/whisper_medium_en.yaml": "tests/test_librispeech.py",
+    "recipes/CommonVoice/CTC/hparams/wav2vec2_large_960h_en.yaml": "tests/test_corpus_recipes.py",
+    "recipes/CommonVoice/CTC/hparams/xls_r_300m.yaml": "tests/test_corpus_recipes.py",
+    "recipes/CommonVoice/Whisper/hparams/whisper_small.yaml": "tests/test_corpus_recipes.py",
+    "recipes/CoRal/CTC/hparams/xls_r_300m_da.yaml": "tests/test_corpus_recipes.py",
+    "recipes/CoRal/Whisper/hparams/whisper_small_da.yaml": "tests/test_corpus_recipes.py",
 }
 
 
@@ -39,18 +44,22 @@ def test_header_names_the_run_command(path):
 
 
 @pytest.mark.parametrize("path", HPARAMS, ids=lambda p: p.relative_to(REPO).as_posix())
-def test_loads_with_a_tiny_model(path, tmp_path, micro_whisper_en_dir):
+def test_loads_with_a_tiny_model(path, tmp_path, micro_whisper_en_dir, micro_whisper_multi_dir):
     text = path.read_text(encoding="utf-8")
     overrides = {"output_folder": str(tmp_path)}
     if re.search(r"^data_folder: !PLACEHOLDER", text, re.M):
         overrides["data_folder"] = str(tmp_path)
+    if re.search(r"^language: !PLACEHOLDER", text, re.M):  # the language is a parameter
+        overrides["language"] = "da"
     if "encoder_hub" in text:  # CTC family
         overrides.update(encoder_hub=str(tmp_path / "tiny_encoder"), build_tiny_encoder=True,
                          tiny_encoder=MICRO_ENCODER)
     elif "build_tiny_whisper" in text:  # its BPE is trained on the corpus's train manifest
         overrides.update(tiny_whisper=MICRO_WHISPER, data_folder=str(SYNTHETIC))
-    else:
+    elif "whisper_hub: openai/whisper-small.en" in text or "whisper-medium.en" in text:
         overrides["whisper_hub"] = micro_whisper_en_dir
+    else:  # a multilingual Whisper (CommonVoice, CoRal)
+        overrides["whisper_hub"] = micro_whisper_multi_dir
     with open(path, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, json.loads(json.dumps(overrides)))
     if "encoder" in hparams:
