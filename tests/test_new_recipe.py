@@ -166,9 +166,9 @@ def test_language_without_a_normaliser(tool, capsys, tmp_path, small_da):
      r"train.csv: the corpus manifest has no rows"),
     ({"train.jsonl": "", "valid.jsonl": ""}, r"train.jsonl: the corpus manifest has no rows"),
     ({"train.csv": "file,words\na,b\n", "valid.csv": "a,b\n"}, r"no `audio` or `wav`"),
-    ({"train.tsv": "", "clips/x": ""}, r"CommonVoice release.*not built yet \(issue #4\).*"
-                                       r"train.csv.*columns audio \(clips/<path>\)"),
-    ({"data/read_aloud/train-0.parquet": ""}, r"parquet.*not built yet \(issue #4\).*CSV"),
+    ({"train.tsv": "", "clips/x": ""}, r"CommonVoice release: no new recipe is needed.*"
+                                       r"recipes/CommonVoice/CTC.*--language=<code>"),
+    ({"data/read_aloud/train-0.parquet": ""}, r"parquet.*recipes/CoRal/CTC.*CSV manifest"),
 ])
 def test_empty_or_unsupported_corpus(tool, capsys, tmp_path, files, message):
     corpus = tmp_path / "corpus"

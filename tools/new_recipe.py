@@ -100,16 +100,17 @@ def corpus_manifests(corpus, out):
                           "with train.csv, valid.csv, test.csv (or .jsonl).")
     if (corpus / "train.tsv").is_file() and (corpus / "clips").is_dir():
         raise RecipeError(
-            f"--corpus {corpus} is a CommonVoice release; its preparation is not built yet "
-            "(issue #4). Meanwhile convert train.tsv, dev.tsv and test.tsv into train.csv, "
-            "valid.csv and test.csv in that folder with columns audio (clips/<path>), text "
-            "(<sentence>) and speaker (<client_id>), and pass the folder again.")
+            f"--corpus {corpus} is a CommonVoice release: no new recipe is needed, the "
+            "CommonVoice recipes take the language as a parameter: cd recipes/CommonVoice/CTC "
+            f"&& python train.py hparams/xls_r_300m.yaml --language=<code> --data_folder={corpus}"
+            " (or recipes/CommonVoice/Whisper, hparams/whisper_small.yaml).")
     if next(corpus.rglob("*.parquet"), None) is not None:
         raise RecipeError(
-            f"--corpus {corpus} holds parquet files (a CoRal-style Hugging Face dataset); their "
-            "preparation is not built yet (issue #4). Meanwhile write each utterance's audio to "
-            "a file and a CSV manifest per split with columns audio, text and group columns "
-            "(e.g. dialect, gender), and pass that folder.")
+            f"--corpus {corpus} holds parquet files (a Hugging Face dataset). For CoRal use "
+            f"recipes/CoRal/CTC or recipes/CoRal/Whisper with --data_folder={corpus}; for "
+            "another dataset write each utterance's audio to a file and a CSV manifest per split "
+            "with columns audio, text and group columns (e.g. dialect, gender), and pass that "
+            "folder.")
     found = {}
     for split in SPLITS:
         candidates = [corpus / f"{split}.{ext}" for ext in ("csv", "jsonl")]
