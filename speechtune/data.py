@@ -27,21 +27,37 @@ def load_audio(path: str, sample_rate: int) -> torch.Tensor:
 
 
 def read_manifest(path: str | Path, data_root: str) -> dict[str, dict]:
-    """Read a manifest once: ``{ID: row}`` with ``$data_root`` resolved and ``duration`` a float.
+    """Read a manifest once: ``{ID: row}`` with ``$data_root`` resolved in ``wav`` and
+    ``duration`` a float.
 
-    Parsing is SpeechBrain's ``load_data_csv`` (which also rejects duplicate IDs); the rows feed
-    both the pre-flight checks and the ``DynamicItemDataset``, so the CSV is read one time.
+    The rows feed both the pre-flight checks and the ``DynamicItemDataset``, so the CSV is read
+    one time. SpeechBrain's ``load_data_csv`` is not used: it expands ``$name`` in every field,
+    so a transcript such as "it costs $5" stopped the run with a KeyError.
     """
     with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise ValueError(
-            f"{path}: missing column(s) {missing}; a manifest needs {list(REQUIRED_COLUMNS)} "
-            "(plus optional group columns). Re-run the corpus preparation in local/."
-        )
-    rows = sb.dataio.dataio.load_data_csv(str(path), replacements={"data_root": str(data_root)})
-    return {utt_id: {"ID": utt_id, **row} for utt_id, row in rows.items()}
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(
+                f"{path}: missing column(s) {missing}; a manifest needs "
+                f"{list(REQUIRED_COLUMNS)} (plus optional group columns). Re-run the corpus "
+                "preparation in local/."
+            )
+        rows = {}
+        for line, row in enumerate(reader, start=2):
+            utt_id = row["ID"]
+            if utt_id in rows:
+                raise ValueError(f"{path}, line {line}: duplicate ID {utt_id!r}; IDs must be "
+                                 "unique (re-run the corpus preparation)")
+            try:
+                row["duration"] = float(row["duration"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}, line {line}: duration {row['duration']!r} of "
+                                 f"{utt_id!r} is not a number of seconds") from None
+            row["wav"] = row["wav"].replace("$data_root", str(data_root))
+            rows[utt_id] = row
+    return rows
 
 
 def write_manifest(path, rows, header) -> Path:

@@ -12,7 +12,7 @@ import torch
 import torchaudio
 from conftest import CV_HEADER, SYNTHETIC
 
-from speechtune.data import load_audio
+from speechtune.data import load_audio, read_manifest
 from speechtune.prepare.commonvoice import (
     COLUMNS,
     prepare_commonvoice,
@@ -39,9 +39,8 @@ TRAIN = [
     tsv_line("c2", 6, "Den her fil mangler."),  # no clip file
     tsv_line("c2", 14, 'Hun sagde "nej, og gik.'),  # an unclosed quote
     "c9\tcommon_voice_da_15.mp3\tfor få felter",  # fewer fields than the header
-    tsv_line("c3", 16, "Æbler, ører og åer."),
+    tsv_line("c3", 16, "Æbler, ører og åer for $5."),  # "$5" is text, not a variable
     tsv_line("c3", 17, "Ødelagt lydfil."),  # an mp3 that is not audio
-    tsv_line("c3", 18, "Det koster $5."),  # SpeechBrain's CSV reader would expand "$5"
 ]
 DEV = [tsv_line("c4", 7, "Mette maler en båd."), tsv_line("c5", 8, "Vi ses på fredag.")]
 TEST = [tsv_line("c6", 9, "Min bedstemor bor i Århus."), tsv_line("c6", 10, "Hvor er toget?")]
@@ -108,7 +107,11 @@ def test_manifests_rows_text_groups_and_durations(release, tmp_path):
     assert rows["common_voice_da_2"]["accents"] == "Sjællandsk"
     assert rows["common_voice_da_3"]["wrd"] == "Først og så bagefter"
     assert rows["common_voice_da_14"]["wrd"] == 'Hun sagde "nej, og gik.'
-    assert rows["common_voice_da_16"]["wrd"] == "Æbler, ører og åer."
+    assert rows["common_voice_da_16"]["wrd"] == "Æbler, ører og åer for $5."
+    # the recipe's manifest reader expands $data_root in `wav` only
+    read = read_manifest(out["train"], release.folder)
+    assert read["common_voice_da_16"]["wrd"] == "Æbler, ører og åer for $5."
+    assert read["common_voice_da_16"]["wav"] == f"{release.folder}/clips/common_voice_da_16.mp3"
     for utt_id, row in rows.items():
         assert float(row["duration"]) == pytest.approx(release.true[utt_id], abs=0.002)
     assert [r["ID"] for r in rows_of(out["dev"])] == ["common_voice_da_7", "common_voice_da_8"]
@@ -119,14 +122,13 @@ def test_manifests_rows_text_groups_and_durations(release, tmp_path):
 def test_skip_report_lists_every_dropped_clip(release, tmp_path, caplog):
     prepare_commonvoice(release.folder, tmp_path, "da", splits=["train"])
     skipped = skipped_of(tmp_path / "skipped_train.tsv")
-    assert set(skipped) == {f"common_voice_da_{n}.mp3" for n in (4, 5, 6, 15, 17, 18)}
+    assert set(skipped) == {f"common_voice_da_{n}.mp3" for n in (4, 5, 6, 15, 17)}
     assert skipped["common_voice_da_4.mp3"] == "empty sentence"
     assert "empty after text normalisation" in skipped["common_voice_da_5.mp3"]
     assert "not found" in skipped["common_voice_da_6.mp3"]
     assert "3 fields, the header has 13" in skipped["common_voice_da_15.mp3"]
     assert "unreadable audio" in skipped["common_voice_da_17.mp3"]
-    assert "holds '$name'" in skipped["common_voice_da_18.mp3"]
-    assert "6 clip(s) skipped" in caplog.text and "skipped_train.tsv" in caplog.text
+    assert "5 clip(s) skipped" in caplog.text and "skipped_train.tsv" in caplog.text
 
 
 def test_read_tsv_finds_columns_by_name_in_an_older_release(tmp_path):

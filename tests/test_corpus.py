@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 from conftest import REPO, SYNTHETIC
 
-from speechtune.data import REQUIRED_COLUMNS
+from speechtune.data import REQUIRED_COLUMNS, read_manifest
 
 
 def manifest(lang, split):
@@ -66,3 +66,20 @@ def test_generator_reproduces_the_committed_audio(tmp_path):
         name = new_row["wav"].split("/")[-1]
         assert (tmp_path / "da" / "wav" / name).read_bytes() == (
             SYNTHETIC / "da" / "wav" / name).read_bytes()
+
+
+def test_manifest_reader_expands_data_root_in_wav_only(tmp_path):
+    """`$data_root` is the audio path's placeholder; a transcript may hold "$5" (SpeechBrain's
+    CSV reader expanded `$name` in every field and stopped on it)."""
+    path = tmp_path / "m.csv"
+    path.write_text("ID,duration,wav,spk_id,wrd,dialect\n"
+                    "a,1.5,$data_root/a.flac,s1,det koster $5,fynsk\n", encoding="utf-8")
+    rows = read_manifest(path, "/corpus")
+    assert rows == {"a": {"ID": "a", "duration": 1.5, "wav": "/corpus/a.flac", "spk_id": "s1",
+                          "wrd": "det koster $5", "dialect": "fynsk"}}
+    path.write_text("ID,duration,wav,spk_id,wrd\na,1.5,x.flac,s,t\na,2,y.flac,s,u\n")
+    with pytest.raises(ValueError, match=r"line 3: duplicate ID 'a'"):
+        read_manifest(path, "/corpus")
+    path.write_text("ID,duration,wav,spk_id,wrd\na,1.5s,x.flac,s,t\n")
+    with pytest.raises(ValueError, match=r"line 2: duration '1.5s' of 'a' is not a number"):
+        read_manifest(path, "/corpus")

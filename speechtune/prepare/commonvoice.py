@@ -12,7 +12,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import unicodedata
 from pathlib import Path
 
@@ -33,7 +32,6 @@ GROUPS = {"gender": ("gender",), "age": ("age",), "accents": ("accents", "accent
 COLUMNS = ["ID", "duration", "wav", "spk_id", "wrd", *GROUPS]
 LAYOUT = ("data_folder must be the locale folder of an extracted CommonVoice release, e.g. "
           ".../cv-corpus-17.0/da (holding train.tsv, dev.tsv, test.tsv and clips/*.mp3)")
-_VARIABLE = re.compile(r"\$[\w.]")  # SpeechBrain's CSV reader expands "$name" in every field
 
 
 def read_tsv(path):
@@ -119,8 +117,6 @@ def clean_rows(rows, normalize, tsv_name):
             reason = "empty sentence"
         elif not normalize(wrd):
             reason = f"sentence {wrd!r} is empty after text normalisation"
-        elif _VARIABLE.search(wrd):
-            reason = f"sentence {wrd!r} holds '$name', which SpeechBrain's CSV reader expands"
         if reason:
             skipped.append((clip, reason))
             continue
