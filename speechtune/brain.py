@@ -82,6 +82,24 @@ class FineTuneBrain(sb.Brain):
             raise ValueError("Nothing to train: every parameter is frozen.")
         self._step_schedulers()  # the first optimizer step already uses the warmup LR
 
+    def on_fit_start(self):
+        """SpeechBrain's start (optimizers, then the checkpoint), then check that a tri-stage LR
+        schedule ends where training does (``optimizer_step_limit``)."""
+        super().on_fit_start()
+        limit = self.optimizer_step_limit
+        for name in self.optimizers_dict if limit else ():
+            scheduler = getattr(self.hparams, f"{name}_lr_scheduler")
+            if not isinstance(scheduler, TriStageLRSchedule):
+                continue
+            span = scheduler.warmup_steps + scheduler.hold_steps + scheduler.decay_steps
+            if abs(span - limit) >= 1:
+                raise ValueError(
+                    f"{name}_lr_scheduler warms up, holds and decays over {span:g} optimizer "
+                    f"steps, but training stops at optimizer_step_limit={limit}: the LR would "
+                    f"{'stop before its decay' if limit < span else 'sit at its floor'}. Set the "
+                    "length with --total_steps=N (the schedule and the limit follow it); a "
+                    "resumed run keeps the schedule it started with (its checkpoint).")
+
     def _step_schedulers(self):
         """Set each optimizer's LR for the upcoming optimizer step."""
         for name, opt in self.optimizers_dict.items():

@@ -50,8 +50,8 @@ def test_coral_ctc_trains_by_steps_and_reports_per_dialect(coral_snapshot, tmp_p
         "hparams/xls_r_300m_da.yaml", f"--data_folder={coral_snapshot}",
         f"--output_folder={out}", f"--manifest_folder={prepared}",
         f"--encoder_hub={out}/tiny_encoder", *TINY_ENCODER, *QUICK,
-        "--max_batch_seconds=8", "--optimizer_step_limit=4", "--valid_every_steps=2",
-        "--total_steps=4", "--freeze_encoder_steps=2", "--lr=0.001",
+        "--max_batch_seconds=8", "--total_steps=4", "--valid_every_steps=2",
+        "--freeze_encoder_steps=2", "--lr=0.001",
         "--encoder_config_overrides={mask_time_length: 2}",
     ])
     assert re.search(r"test: WER \d+\.\d+%", proc.stdout), proc.stdout[-2000:]
@@ -66,6 +66,17 @@ def test_coral_ctc_trains_by_steps_and_reports_per_dialect(coral_snapshot, tmp_p
     assert sum(int(r["utterances"]) for r in groups if r["column"] == "dialect") == 6
     # the prepared folder (manifests + FLAC) is outside the run: the Whisper recipe reuses it
     assert len(list((prepared / "audio" / "train").glob("*.flac"))) == 24
+
+
+@pytest.mark.recipe
+def test_a_step_limit_apart_from_the_lr_schedule_is_refused(coral_snapshot, tmp_path):
+    with pytest.raises(AssertionError, match=r"decays over 4 optimizer steps, but training "
+                                             r"stops at optimizer_step_limit=3.*--total_steps"):
+        run_recipe(CORAL / "CTC", [
+            "hparams/xls_r_300m_da.yaml", f"--data_folder={coral_snapshot}",
+            f"--output_folder={tmp_path / 'results'}", f"--manifest_folder={tmp_path / 'p'}",
+            f"--encoder_hub={tmp_path / 'results'}/tiny_encoder", *TINY_ENCODER, *QUICK,
+            "--total_steps=4", "--optimizer_step_limit=3"])
 
 
 @pytest.mark.recipe
