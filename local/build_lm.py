@@ -25,10 +25,15 @@ if __name__ == "__main__":
     parser.add_argument("--prune", type=int, nargs="*", default=[0],
                         help="count thresholds per order, lmplz-style: 0 0 1 drops trigrams "
                              "(and longer) seen once (default: no pruning)")
+    parser.add_argument("--case", choices=("lower", "upper"), default="lower",
+                        help="the CTC recipe's target_case (upper for wav2vec2-large-960h's "
+                             "vocabulary; default lower, what the normalisers write)")
     parser.add_argument("--out", required=True, help="ARPA file to write (*.arpa)")
     args = parser.parse_args()
     if not args.out.endswith(".arpa"):
         parser.error(f"--out {args.out}: name the ARPA file *.arpa")
     sentences = read_sentences(args.inputs, args.language)
+    if args.case == "upper":
+        sentences = [[word.upper() for word in words] for words in sentences]
     for path in build_lm(sentences, args.order, args.prune, args.out):
         print(f"wrote {path}")

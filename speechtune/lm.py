@@ -84,6 +84,21 @@ def lm_unigrams(path: Path):
     return sorted(load_unigram_set_from_arpa(str(arpa)))
 
 
+def check_lm_case(path: Path, target_case: str):
+    """Refuse an LM whose words are in the other case than the CTC targets (``target_case``):
+    every word would be out of its vocabulary and the LM would silently stop helping."""
+    from speechbrain.integrations.decoders.kenlm_scorer import load_unigram_set_from_arpa
+
+    words = load_unigram_set_from_arpa(str(path.with_suffix(".arpa")))
+    cased = [w for w in words if w.upper() != w.lower()]
+    other = [w for w in cased if w != (w.upper() if target_case == "upper" else w.lower())]
+    if cased and len(other) > len(cased) / 2:
+        raise ValueError(
+            f"{path}: {len(other)} of the LM's {len(cased)} words are not {target_case} case "
+            f"(e.g. {sorted(other)[:3]}), but the targets are (target_case: {target_case}). "
+            f"Rebuild it with python local/build_lm.py ... --case {target_case}.")
+
+
 def lm_weights(hparams) -> tuple[float, float]:
     """``(alpha, beta)``: the yaml's ``lm_alpha``/``lm_beta`` (``lm_weights: fixed``) or those
     ``tune_lm.py`` found for this run and this LM (``lm_weights: tuned``)."""
@@ -120,6 +135,7 @@ def check_decoding(hparams) -> str:
     if mode != "beam_lm":
         return mode
     lm_unigrams(lm_file(hparams))
+    check_lm_case(lm_file(hparams), hparams["target_case"])
     try:
         import_kenlm()
     except ImportError as err:

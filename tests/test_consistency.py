@@ -49,3 +49,20 @@ def test_every_recipe_has_train_py_readme_and_hparams():
 def test_library_modules_stay_small():
     for path in (REPO / "speechtune").rglob("*.py"):
         assert len(path.read_text().splitlines()) <= 400, f"{path} grew past 400 lines: split it"
+
+
+def test_ctc_recipes_whose_yaml_names_tune_lm_have_it():
+    """The yamls' LM workflow runs `python tune_lm.py`: the recipe has one, it imports, and it
+    prepares the corpus the way the recipe's train.py does."""
+    import importlib.util
+
+    for yaml in REPO.glob("recipes/*/CTC/hparams/*.yaml"):
+        if "tune_lm.py" not in yaml.read_text(encoding="utf-8"):
+            continue
+        recipe = yaml.parent.parent
+        tune = recipe / "tune_lm.py"
+        assert tune.exists(), f"{yaml} names tune_lm.py but {recipe} has none"
+        prepare = re.search(r"import (prepare_\w+)", (recipe / "train.py").read_text()).group(1)
+        assert f"tune(sys.argv[1:], {prepare})" in tune.read_text(), tune
+        spec = importlib.util.spec_from_file_location(f"tune_{recipe.parent.name}", tune)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))  # imports resolve

@@ -209,7 +209,7 @@ def lm_setup(tmp_path):
     hparams = decoding_section(YAML)  # the recipe's own searcher settings
     hparams.update(decoding="beam_lm", lm_path=str(arpa), lm_weights="fixed", lm_alpha=0.5,
                    lm_beta=1.0, blank_index=0, output_folder=str(tmp_path / "run"),
-                   wer_computer=ErrorRateStats)
+                   wer_computer=ErrorRateStats, target_case="lower")
     vocab = lm.vocab_list(tokenizer)
     # the "a" of "cat" heard as "u": "cut" is a word the LM knows too, only its context rejects it
     utt = lm.Utterance("u1", log_probs_for(TARGET, vocab, 5, "u"), TARGET.split())
@@ -274,6 +274,18 @@ def test_bad_decoding_keys_are_errors_naming_the_fix(lm_setup, tmp_path):
     binary.write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="only.arpa"):
         lm.check_decoding({**hparams, "lm_path": str(binary)})
+
+
+def test_an_lm_in_the_other_case_than_the_targets_is_refused(lm_setup, tmp_path):
+    """wav2vec2-large-960h's targets are upper case (target_case: upper): a lower-case LM would
+    know none of their words and silently stop helping."""
+    hparams, _, _ = lm_setup
+    with pytest.raises(ValueError, match=r"not upper case.*build_lm.py \.\.\. --case upper"):
+        lm.check_decoding({**hparams, "target_case": "upper"})
+    upper = tmp_path / "upper.arpa"
+    build_lm([t.upper().split() for t in LM_TEXT], 3, [0], upper)
+    assert lm.check_decoding({**hparams, "target_case": "upper", "lm_path": str(upper)}) == \
+        "beam_lm"
 
 
 def test_missing_kenlm_is_an_error_or_falls_back_to_beam_as_the_yaml_says(lm_setup, monkeypatch):

@@ -1,0 +1,19 @@
+#!/usr/bin/env python3
+"""Tune the n-gram LM weights (alpha, beta) on CoRal's val split of a finished run.
+
+    python tune_lm.py hparams/xls_r_300m_da.yaml --data_folder=/data/coral \
+        --lm_path=/path/to/da_lm.arpa
+
+Give the same yaml and overrides as the training run; it loads the best-WER checkpoint, computes
+the valid log-probs once, decodes them for every lm_alpha_grid x lm_beta_grid point and writes
+<output_folder>/lm_tuning/ (grid.md, grid.csv, lm_weights.yaml). Then test with the tuned
+weights: python train.py <same yaml and overrides> --decoding=beam_lm --lm_path=<same LM>
+"""
+
+import sys
+
+from speechtune.lm import tune
+from speechtune.prepare.coral import prepare_coral_recipe
+
+if __name__ == "__main__":
+    tune(sys.argv[1:], prepare_coral_recipe)

@@ -1,0 +1,21 @@
+#!/usr/bin/env python3
+"""Tune the n-gram LM weights (alpha, beta) on dev.tsv of a finished run.
+
+    python tune_lm.py hparams/xls_r_300m.yaml --language=da --data_folder=/data/cv/da \
+        --lm_path=/path/to/lm.arpa
+
+Give the same yaml and overrides as the training run; it loads the best-WER checkpoint, computes
+the valid log-probs once, decodes them for every lm_alpha_grid x lm_beta_grid point and writes
+<output_folder>/lm_tuning/ (grid.md, grid.csv, lm_weights.yaml). Then test with the tuned
+weights: python train.py <same yaml and overrides> --decoding=beam_lm --lm_path=<same LM>.
+Build the LM with the recipe's case: local/build_lm.py ... --case upper for
+wav2vec2_large_960h_en.yaml (target_case: upper).
+"""
+
+import sys
+
+from speechtune.lm import tune
+from speechtune.prepare.commonvoice import prepare_commonvoice_recipe
+
+if __name__ == "__main__":
+    tune(sys.argv[1:], prepare_commonvoice_recipe)
