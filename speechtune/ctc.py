@@ -26,7 +26,7 @@ from speechbrain.utils.distributed import run_on_main
 from speechtune import data
 from speechtune.brain import FineTuneBrain
 from speechtune.lm import GreedyDecoder, build_test_decoder, check_decoding
-from speechtune.preflight import ctc_label_check
+from speechtune.preflight import ctc_label_check, speed_length_factors
 from speechtune.text import get_normalizer
 
 
@@ -127,13 +127,21 @@ class CTCFamily:
                       "unk": unk, "path": path}
             run_on_main(data.pretrained_char_vocab, kwargs=kwargs)
             self.tokenizer = data.pretrained_char_vocab(**kwargs)
+            mapped = {blank: "<blank>"} | {i: " " for i, c in enumerate(labels) if c == delimiter}
+            if [self.tokenizer.ind2lab.get(i) for i in range(len(labels))] != \
+                    [mapped.get(i, c) for i, c in enumerate(labels)] or \
+                    len(self.tokenizer.ind2lab) != len(labels):
+                raise ValueError(f"{path} was written for another vocabulary than "
+                                 f"{self.hparams['encoder'].source}'s (an earlier run in this "
+                                 "output folder): use another --output_folder, or delete it")
         special = {self.tokenizer.blank_label, getattr(self.tokenizer, "unk_label", None)}
         return {c for c in self.tokenizer.lab2ind if c not in special and len(c) == 1}
 
     def label_check(self):
-        """More labels than frames at the fastest speed perturbation (it shortens audio most)."""
+        """More labels than frames at the fastest speed perturbation (SpeechBrain's speed 105
+        shortens audio to 100/105 of its length: the largest speed shortens most)."""
         hp, encoder = self.hparams, self.hparams["encoder"]
-        shrink = 1.0 if hp["augmenter"] is None else min(hp["speeds"]) / 100
+        shrink = 1.0 if hp["augmenter"] is None else speed_length_factors(hp["speeds"])[0]
         rate = hp["sample_rate"]
         return ctc_label_check(lambda s: encoder.output_frames(int(s * rate)), shrink)
 

@@ -125,7 +125,8 @@ def export_ctc(save, ckpts, info, out):
 
     (out / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(vocab)},
                                                ensure_ascii=False))
-    tokenizer = Wav2Vec2CTCTokenizer(str(out / "vocab.json"), unk_token="<unk>",
+    tokenizer = Wav2Vec2CTCTokenizer(str(out / "vocab.json"),
+                                     unk_token=getattr(sb_tokenizer, "unk_label", "<unk>"),
                                      pad_token=HF_BLANK, word_delimiter_token=HF_SPACE,
                                      bos_token=None, eos_token=None)
     extractor = Wav2Vec2FeatureExtractor.from_pretrained(save / "model_files")

@@ -94,11 +94,19 @@ def check_audio(split, rows, duration_tolerance):
     return problems
 
 
+def speed_length_factors(speeds):
+    """``(shortest, longest)`` length factors of SpeechBrain's speed perturbation with
+    ``speeds`` (percent): speed ``s`` makes audio ``100 / s`` as long (105 shortens, 95
+    lengthens)."""
+    return 100 / max(speeds), 100 / min(speeds)
+
+
 def ctc_label_check(frames_for_seconds, speed_factor=1.0):
     """CTC: a training utterance needs at least ``ctc_min_frames`` encoder frames.
 
-    ``speed_factor`` is the length factor of the most shortening training augmentation (speed
-    perturbation to 90% gives 0.9). Valid/test utterances are scored whatever their length.
+    ``speed_factor`` is the length factor of the most shortening training augmentation
+    (SpeechBrain's speed 110 gives 100/110). Valid/test utterances are scored whatever their
+    length.
     """
 
     def check(split, row, text):

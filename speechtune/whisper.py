@@ -21,7 +21,7 @@ from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
 from speechtune import data
 from speechtune.brain import FineTuneBrain
-from speechtune.preflight import seq2seq_label_check
+from speechtune.preflight import seq2seq_label_check, speed_length_factors
 from speechtune.text import get_normalizer
 
 
@@ -259,10 +259,11 @@ class WhisperFamily:
         return len(self.prefix) + len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def label_check(self):
-        """Audio within the encoder window (at the most lengthening speed perturbation), targets
-        within the decoder's positions."""
+        """Audio within the encoder window (at the most lengthening speed perturbation:
+        SpeechBrain's speed 95 makes audio 100/95 as long), targets within the decoder's
+        positions."""
         hp = self.hparams
-        stretch = 1.0 if hp["augmenter"] is None else max(hp["speeds"]) / 100
+        stretch = 1.0 if hp["augmenter"] is None else speed_length_factors(hp["speeds"])[1]
         return seq2seq_label_check(self.whisper.window_seconds,
                                    self.whisper.model.config.max_target_positions,
                                    self.count_tokens, stretch)

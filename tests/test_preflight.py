@@ -12,6 +12,7 @@ from speechtune.preflight import (
     ctc_min_frames,
     run_preflight,
     seq2seq_label_check,
+    speed_length_factors,
 )
 from speechtune.text import get_normalizer
 
@@ -183,3 +184,18 @@ def test_too_many_decoder_tokens_is_named(tmp_path):
     splits["train"] += rows_for(tmp_path, ["word " * 30], prefix="L")
     with pytest.raises(PreflightError, match=r"(?s)too_many_tokens.*train/L0.*34 tokens > 20"):
         run_preflight(splits, None, seq2seq())
+
+
+def test_speed_length_factors_match_speechbrains_speed_perturbation():
+    """The label checks bound lengths by what SpeedPerturb really does: speed 105 shortens to
+    100/105, speed 95 lengthens to 100/95 (not 0.95 and 1.05)."""
+    import torch
+    from speechbrain.augment.time_domain import SpeedPerturb
+
+    speeds = [90, 95, 100, 105, 110]
+    lengths = {s: SpeedPerturb(16000, speeds=[s])(torch.zeros(1, 16000)).shape[1] / 16000
+               for s in speeds}
+    shortest, longest = speed_length_factors(speeds)
+    assert (shortest, longest) == (100 / 110, 100 / 90)
+    assert shortest == pytest.approx(min(lengths.values()), abs=1e-3)
+    assert longest == pytest.approx(max(lengths.values()), abs=1e-3)

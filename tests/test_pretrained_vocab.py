@@ -3,7 +3,7 @@ upper case, `|` between words), the case check, and models trained without atten
 
 import pytest
 import torch
-from conftest import REPO, VOCAB_960H
+from conftest import MICRO_ENCODER, REPO, VOCAB_960H
 from hyperpyyaml import load_hyperpyyaml
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
@@ -81,3 +81,14 @@ def test_model_trained_without_attention_mask_gets_none(micro_ctc_960h_dir, tmp_
         masked = model.wav2vec2(padded, attention_mask=(padded != 0).long()).last_hidden_state
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert (ours[1] - masked[1]).abs().max() > 1e-2  # the test can tell the two apart
+
+
+def test_a_vocabulary_left_by_another_run_is_refused(synthetic_subset, tmp_path,
+                                                     micro_ctc_960h_dir):
+    """An output folder whose label_encoder.txt came from `vocabulary: new` (or another model)
+    would silently misalign the pretrained head's rows."""
+    out = tmp_path / "run"
+    experiment(synthetic_subset, out, str(out / "tiny_encoder"), vocabulary="new",
+               target_case="lower", build_tiny_encoder=True, tiny_encoder=MICRO_ENCODER)
+    with pytest.raises(ValueError, match="written for another vocabulary.*--output_folder"):
+        experiment(synthetic_subset, out, micro_ctc_960h_dir)
