@@ -7,7 +7,15 @@ dev.tsv, test.tsv, clips/*.mp3). The recipes call the same function
 to FLAC once with several processes:
 
     python local/prepare_commonvoice.py .../cv-corpus-17.0/da data/cv_da da \\
-        --resample once --workers 8 --train_tsv validated
+        --resample once --prepare_workers 8 --train_tsv validated
+
+To reuse what this wrote, pass the same folder to the recipe as --manifest_folder (e.g.
+--manifest_folder=data/cv_da, as an absolute path or from where you run the recipe) with the
+same --language, --train_tsv, --resample and --sample_rate: otherwise the recipe prepares again.
+The recipes prepare whole splits (no duration limits; they drop training clips outside their
+min_duration/max_duration themselves), so manifests written with --min_duration/--max_duration
+are not reused: the recipe prepares again. Under DDP (torchrun), run this first: the recipe
+prepares on one process while the others wait, and SpeechBrain's barrier times out after 2 h.
 """
 
 import argparse
@@ -26,7 +34,8 @@ if __name__ == "__main__":
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n")[2:]))
     parser.add_argument("data_folder", help="the locale folder, e.g. .../cv-corpus-17.0/da")
-    parser.add_argument("save_folder", help="where <split>.csv and skipped_<split>.tsv go")
+    parser.add_argument("save_folder", help="where <split>.csv and skipped_<split>.tsv go (the "
+                                            "recipe's --manifest_folder)")
     parser.add_argument("language", help="language code of the locale (its text normaliser)")
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     parser.add_argument("--train_tsv", default="train", choices=TRAIN_TSVS,
@@ -35,10 +44,12 @@ if __name__ == "__main__":
                         help="once: convert the clips to FLAC at --sample_rate")
     parser.add_argument("--sample_rate", type=int, default=16000, help="Hz, for --resample once")
     parser.add_argument("--min_duration", type=float, default=None,
-                        help="seconds; shorter clips are skipped (all --splits)")
+                        help="seconds; shorter clips are skipped (all --splits; the recipes "
+                             "then prepare again)")
     parser.add_argument("--max_duration", type=float, default=None,
-                        help="seconds; longer clips are skipped (all --splits)")
-    parser.add_argument("--workers", type=int, default=1,
+                        help="seconds; longer clips are skipped (all --splits; the recipes "
+                             "then prepare again)")
+    parser.add_argument("--prepare_workers", "--workers", type=int, default=1,
                         help="processes reading mp3 headers and converting clips")
     parser.add_argument("--overwrite", action="store_true",
                         help="rewrite existing CSVs (converted FLACs are kept)")
@@ -47,5 +58,5 @@ if __name__ == "__main__":
             args.data_folder, args.save_folder, args.language, splits=args.splits,
             train_tsv=args.train_tsv, resample=args.resample, sample_rate=args.sample_rate,
             min_duration=args.min_duration, max_duration=args.max_duration,
-            num_workers=args.workers, skip_existing=not args.overwrite).items():
+            num_workers=args.prepare_workers, skip_existing=not args.overwrite).items():
         print(f"{split}: {path}")

@@ -2,7 +2,10 @@
 
 import csv
 import os
+import runpy
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,9 +13,10 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
-from conftest import CV_HEADER, SYNTHETIC
+from conftest import CV_HEADER, REPO, SYNTHETIC
 
 from speechtune.data import load_audio, read_manifest
+from speechtune.prepare import commonvoice
 from speechtune.prepare.commonvoice import (
     COLUMNS,
     prepare_commonvoice,
@@ -264,3 +268,104 @@ def test_recipe_function_prepares_whole_splits(release, tmp_path):
                                   tests={"test": str(tmp_path / "test.csv")})
     assert {r["ID"] for r in rows_of(manifests.train)} == TRAIN_IDS
     assert len(rows_of(manifests.valid)) == 2 and len(rows_of(manifests.tests["test"])) == 2
+
+
+def test_read_tsv_rejoins_a_sentence_only_when_the_columns_after_it_fit(tmp_path):
+    """A tab inside the sentence is joined back; a stray tab elsewhere (trailing, in another
+    column) would glue the next column onto the sentence: such a line is skipped instead."""
+    lines = [tsv_line("c1", 1, "Hej med dig"),
+             tsv_line("c1", 2, "Hej\tmed dig"),  # a tab in the sentence: joined back
+             tsv_line("c1", 3, "Hej med dig") + "\t",  # a trailing tab
+             tsv_line("c1", 4, "Hej med dig", age="twen\tties"),  # a tab in another column
+             tsv_line("c1", 5, "Hej med dig").replace("\tda\t", "\tda\tx\t")]  # in variant
+    lines[0] = lines[0].replace("\t\t2\t", "\tgeneral\t2\t")  # a sentence_domain to glue on
+    lines[2] = lines[2].replace("\t\t2\t", "\tgeneral\t2\t")
+    write_tsv(tmp_path / "train.tsv", lines)
+    rows, skipped = read_tsv(tmp_path / "train.tsv")
+    assert [(r["path"], r["sentence"], r["sentence_domain"], r["up_votes"], r["locale"])
+            for r in rows] == [("common_voice_da_1.mp3", "Hej med dig", "general", "2", "da"),
+                               ("common_voice_da_2.mp3", "Hej med dig", "", "2", "da")]
+    assert [clip for clip, _ in skipped] == [f"common_voice_da_{n}.mp3" for n in (3, 4, 5)]
+    for (_, reason), number in zip(skipped, (4, 5, 6), strict=True):
+        assert reason == (f"train.tsv line {number}: 14 fields for 13 columns, cannot tell "
+                          "which hold the sentence")
+    # nothing after the sentence to check: cannot tell either
+    (tmp_path / "old.tsv").write_text("client_id\tpath\tsentence\nc1\ta.mp3\tEn\tto\n")
+    rows, skipped = read_tsv(tmp_path / "old.tsv")
+    assert rows == [] and "3 columns, cannot tell which hold the sentence" in skipped[0][1]
+
+
+def test_a_moved_folder_prepares_again_reusing_its_flacs(release, tmp_path, monkeypatch):
+    """The CSV holds the FLACs' absolute paths: after the prepared folder moves, the stale CSV
+    is rewritten (pointing into the new place) without converting anything again."""
+    prepare_commonvoice(release.folder, tmp_path / "a", "da", splits=["dev"], resample="once")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    monkeypatch.setattr(commonvoice, "load_audio", lambda *a: pytest.fail("converted again"))
+    out = prepare_commonvoice(release.folder, tmp_path / "b", "da", splits=["dev"],
+                              resample="once")
+    wavs = [r["wav"] for r in rows_of(out["dev"])]
+    assert wavs == [str((tmp_path / "b" / "clips_16000" / f"common_voice_da_{n}.flac").resolve())
+                    for n in (7, 8)]
+    assert all(os.path.isfile(w) for w in wavs)
+
+
+def test_an_unreadable_stamp_means_prepare_again(release, tmp_path):
+    out = prepare_commonvoice(release.folder, tmp_path, "da", splits=["dev"], resample="once")
+    stamp = tmp_path / "dev.csv.source.json"
+    stamp.write_text('{"data_folder": "/da', encoding="utf-8")  # cut short by a crash
+    old = 1_000_000_000
+    os.utime(out["dev"], (old, old))
+    prepare_commonvoice(release.folder, tmp_path, "da", splits=["dev"], resample="once")
+    assert os.stat(out["dev"]).st_mtime != old  # prepared again
+    assert commonvoice.read_stamp(stamp)["save_folder"] == str(tmp_path.resolve())
+    assert not list(tmp_path.glob("*.tmp"))  # the stamp goes through a temporary file
+
+
+def test_a_broken_or_cut_flac_is_converted_again(release, tmp_path):
+    """A FLAC cut short keeps a header counting every sample; one that is garbage has none:
+    both are converted again, not reused or reported as skipped."""
+    args = (release.folder, tmp_path, "da")
+    out = prepare_commonvoice(*args, splits=["dev"], resample="once")
+    cut, garbage = (tmp_path / "clips_16000" / f"common_voice_da_{n}.flac" for n in (7, 8))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    assert sf.info(str(cut)).frames > 0  # still looks whole from its header
+    garbage.write_bytes(b"not a flac")
+    prepare_commonvoice(*args, splits=["dev"], resample="once", skip_existing=False)
+    assert [r["ID"] for r in rows_of(out["dev"])] == ["common_voice_da_7", "common_voice_da_8"]
+    assert skipped_of(tmp_path / "skipped_dev.tsv") == {}
+    for flac in (cut, garbage):
+        audio, _ = sf.read(str(flac), dtype="float32")  # whole again
+        assert len(audio) / 16000 == pytest.approx(release.true[flac.stem], abs=0.001)
+
+
+def test_only_dead_processes_temp_files_are_removed(release, tmp_path):
+    """Another live process's in-flight ``<ID>.flac.<pid>.tmp`` is left alone (its rename would
+    fail); those of dead processes, of this one, or without a PID are removed."""
+    clips = tmp_path / "clips_16000"
+    clips.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {pid: clips / f"common_voice_da_1.flac.{pid}.tmp"
+                 for pid in (live.pid, dead.pid, os.getpid(), "x")}
+        for path in names.values():
+            path.write_bytes(b"partial")
+        prepare_commonvoice(release.folder, tmp_path, "da", splits=["dev"], resample="once")
+        assert sorted(clips.glob("*.tmp")) == [names[live.pid]]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_local_script_takes_the_recipes_flag_names(release, tmp_path, monkeypatch, capsys):
+    script = REPO / "local" / "prepare_commonvoice.py"
+    doc = script.read_text(encoding="utf-8")
+    for said in ("--manifest_folder", "--min_duration/--max_duration", "torchrun", "2 h"):
+        assert said in doc
+    monkeypatch.setattr(sys, "argv", [str(script), str(release.folder), str(tmp_path), "da",
+                                      "--splits", "dev", "--train_tsv", "train", "--resample",
+                                      "once", "--sample_rate", "16000", "--min_duration", "0.5",
+                                      "--max_duration", "30", "--prepare_workers", "1"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert capsys.readouterr().out == f"dev: {tmp_path / 'dev.csv'}\n"

@@ -3,6 +3,9 @@
 import csv
 import io
 import logging
+import os
+import runpy
+import sys
 import unicodedata
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
-from conftest import SYNTHETIC, coral_schema, write_parquet
+from conftest import REPO, SYNTHETIC, coral_schema, write_parquet
 
 from speechtune.prepare import coral
 from speechtune.prepare.coral import COLUMNS, age_group, dialect_group, prepare_coral
@@ -270,3 +273,79 @@ def prepare_coral_recipe_checked(hparams):
     assert (manifests.train, manifests.valid, manifests.tests) == (
         f"{folder}/train.csv", f"{folder}/val.csv", {"test": f"{folder}/test.csv"})
     return manifests
+
+
+def test_the_data_folder_is_a_config_folder_only_for_its_own_subset(tmp_path):
+    """data_folder=<snapshot>/read_aloud is the read_aloud config folder; asked for the
+    conversation subset, it must not hand out the read-aloud shards."""
+    make_coral(tmp_path / "snapshot")
+    config = tmp_path / "snapshot" / "read_aloud"
+    assert [p.name for p in coral.find_shards(config, "read_aloud", "val")] == ["0000.parquet"]
+    with pytest.raises(FileNotFoundError, match=r"subset 'conversation', split 'val' under "
+                       r".*read_aloud \(.*the 'read_aloud' subset's\)\. Fix: data_folder must be "
+                       r"a snapshot of the dataset repo \(or its conversation/ folder\)"):
+        prepare_coral(config, tmp_path / "out", subset="conversation", splits=["val"])
+
+
+def test_a_moved_folder_prepares_again_reusing_its_audio(tmp_path, monkeypatch):
+    """The CSV holds the FLACs' absolute paths: a moved prepared folder is prepared again,
+    pointing into the new place, decoding only a FLAC that is cut short."""
+    expected = make_coral(tmp_path / "snapshot")
+    prepare_coral(tmp_path / "snapshot", tmp_path / "a", splits=["train"])
+    (tmp_path / "a").rename(tmp_path / "b")
+    cut = tmp_path / "b" / "audio" / "train" / "rec_0001.flac"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # header intact
+    decoded = []
+    real_decode = coral._decode
+    monkeypatch.setattr(coral, "_decode", lambda a, r: decoded.append(1) or real_decode(a, r))
+    csv_path = prepare_coral(tmp_path / "snapshot", tmp_path / "b", splits=["train"])["train"]
+    rows = read_csv(csv_path)
+    assert [r["wav"] for r in rows] == [str(tmp_path / "b" / "audio" / "train" / f"{i}.flac")
+                                        for i in ("rec_0001", "rec_0002_x", "rec_0003",
+                                                  "rec_0009", "rec_0010")]
+    assert len(decoded) == 3  # the cut FLAC, and the two rows whose audio cannot be decoded
+    audio, _ = sf.read(str(cut), dtype="float32")  # whole again
+    np.testing.assert_allclose(audio, expected["rec_0001"], atol=TOL)
+
+
+def test_changed_shards_are_decoded_again_not_matched_by_id(tmp_path):
+    """A newer revision downloaded into the same folder keeps the IDs but not the audio: the
+    split's FLACs are not reused when the shards (names and sizes) differ from the stamp's."""
+    expected = make_coral(tmp_path / "snapshot")
+    args = (tmp_path / "snapshot", tmp_path / "out")
+    prepare_coral(*args, splits=["train"])
+    shard = tmp_path / "snapshot" / "read_aloud" / "train-00000-of-00002.parquet"
+    write_shard(shard, [record("rec_0001", "ny tekst", wav_bytes(expected["rec_0010"], 16000))])
+    rows = {r["ID"]: r for r in read_csv(prepare_coral(*args, splits=["train"])["train"])}
+    assert set(rows) == {"rec_0001", "rec_0009", "rec_0010"}
+    audio, _ = sf.read(rows["rec_0001"]["wav"], dtype="float32")
+    np.testing.assert_allclose(audio, expected["rec_0010"], atol=TOL)  # the new audio
+    assert not (tmp_path / "out" / "audio" / "train" / "rec_0003.flac").exists()
+
+
+def test_temporary_names_are_unique_per_process(tmp_path, monkeypatch):
+    make_coral(tmp_path / "snapshot")
+    stale = tmp_path / "out" / "audio" / "val" / "val_0.flac.tmp"  # a killed run's, no PID
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a file")
+    written = []
+    real_write = sf.write
+    monkeypatch.setattr(sf, "write", lambda path, *a, **k: written.append(str(path))
+                        or real_write(path, *a, **k))
+    prepare_coral(tmp_path / "snapshot", tmp_path / "out", splits=["val"])
+    assert len(written) == 2 and all(p.endswith(f".flac.{os.getpid()}.tmp") for p in written)
+    assert not list(stale.parent.glob("*.tmp"))
+
+
+def test_local_script_takes_the_recipes_flag_names(tmp_path, monkeypatch, capsys):
+    make_coral(tmp_path / "snapshot")
+    script = REPO / "local" / "prepare_coral.py"
+    doc = script.read_text(encoding="utf-8")
+    for said in ("--manifest_folder", "--min_duration/--max_duration", "torchrun", "2 h"):
+        assert said in doc
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "snapshot"),
+                                      str(tmp_path / "out"), "--splits", "val", "--sample_rate",
+                                      "16000", "--min_duration", "0.5", "--max_duration", "30",
+                                      "--coral_subset", "read_aloud"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert capsys.readouterr().out == f"val: {tmp_path / 'out' / 'val.csv'}\n"

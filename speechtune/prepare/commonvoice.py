@@ -1,11 +1,10 @@
 """CommonVoice: one locale folder of a release (``<locale>/*.tsv`` + ``clips/*.mp3``) -> CSVs.
 
-The TSVs are read by column name (releases differ in their columns) and without quote handling
-(CommonVoice does not quote fields); the sentence is kept as written (the recipe normalises it)
-and every clip left out is listed, with its reason, in ``<save_folder>/skipped_<split>.tsv``.
-Audio is either decoded and resampled from the mp3 at every epoch (``resample="on_the_fly"``)
-or converted once to FLAC at the model's rate (``"once"``); ``local/measure_audio_decoding.py``
-measures what each costs.
+The TSVs are read by column name (releases differ) and without quote handling (CommonVoice does
+not quote); the sentence is kept as written (the recipe normalises it) and every clip left out
+is listed, with its reason, in ``<save_folder>/skipped_<split>.tsv``. Audio is decoded and
+resampled from the mp3 at every epoch (``resample="on_the_fly"``) or converted once to FLAC at
+the model's rate (``"once"``); ``local/measure_audio_decoding.py`` measures what each costs.
 """
 
 import json
@@ -13,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import unicodedata
+from collections import Counter
 from pathlib import Path
 
 import soundfile as sf
@@ -28,6 +28,7 @@ SPLITS = ("train", "dev", "test")
 TRAIN_TSVS = ("train", "validated")
 RESAMPLE = ("on_the_fly", "once")
 REQUIRED = ("client_id", "path", "sentence")
+VOTES = ("up_votes", "down_votes")
 GROUPS = {"gender": ("gender",), "age": ("age",), "accents": ("accents", "accent")}  # old: accent
 COLUMNS = ["ID", "duration", "wav", "spk_id", "wrd", *GROUPS]
 LAYOUT = ("data_folder must be the locale folder of an extracted CommonVoice release, e.g. "
@@ -36,12 +37,9 @@ LAYOUT = ("data_folder must be the locale folder of an extracted CommonVoice rel
 
 def read_tsv(path):
     """The rows of a CommonVoice TSV as dicts keyed by its header, and ``[(clip, reason)]`` for
-    the lines that cannot be rows.
-
-    A line with more fields than the header has tabs inside its sentence: the extra fields are
-    joined back into the sentence with a space (the columns around it are fixed). A line with
-    fewer fields is skipped.
-    """
+    the lines that cannot be rows. Extra fields (tabs in the sentence) are joined back into it
+    only when the columns after it then hold what they should (``_fits``): else (a trailing tab,
+    one in another column) the line is skipped, as is one with fewer fields."""
     path = Path(path)
     lines = path.read_text(encoding="utf-8-sig").split("\n")
     header = lines[0].rstrip("\r").split("\t") if lines else []
@@ -50,23 +48,36 @@ def read_tsv(path):
         raise ValueError(f"{path}: missing column(s) {missing} (header: {header}). Fix: give the "
                          f"TSVs of a CommonVoice release as extracted; {LAYOUT}.")
     where = {name: header.index(name) for name in REQUIRED}
-    rows, skipped = [], []
-    for number, line in enumerate(lines[1:], 2):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        fields = line.split("\t")
+    lines = [(n, line.rstrip("\r").split("\t")) for n, line in enumerate(lines[1:], 2)
+             if line.strip()]
+    locales = Counter(fields[header.index("locale")].strip() for _, fields in lines
+                      if "locale" in header and len(fields) == len(header))
+    locale = locales.most_common(1)[0][0] if locales else None  # the other rows' locale
+    rows, skipped, s = [], [], where["sentence"]
+    for number, fields in lines:
         extra = len(fields) - len(header)
+        clip = fields[where["path"]] if where["path"] < len(fields) else f"line {number}"
+        if extra > 0:
+            fields = [*fields[:s], " ".join(fields[s:s + extra + 1]), *fields[s + extra + 1:]]
         if extra < 0:
-            clip = fields[where["path"]] if where["path"] < len(fields) else f"line {number}"
             skipped.append((clip, f"{path.name} line {number}: {len(fields)} fields, the header "
                                   f"has {len(header)}"))
-            continue
-        if extra:
-            s = where["sentence"]
-            fields[s:s + extra + 1] = [" ".join(fields[s:s + extra + 1])]
-        rows.append(dict(zip(header, fields, strict=True)))
+        elif extra and not _fits(header, fields, s, locale):
+            skipped.append((clip, f"{path.name} line {number}: {len(header) + extra} fields for "
+                                  f"{len(header)} columns, cannot tell which hold the sentence"))
+        else:
+            rows.append(dict(zip(header, fields, strict=True)))
     return rows, skipped
+
+
+def _fits(header, fields, sentence, locale):
+    """Whether the columns after the (rejoined) sentence hold what they should: vote counts
+    numbers, ``locale`` the other rows' locale; False when none of them is there to tell."""
+    checks = [(name, value.strip()) for name, value in
+              zip(header[sentence + 1:], fields[sentence + 1:], strict=True)
+              if name in VOTES or (name == "locale" and locale is not None)]
+    return bool(checks) and all(value.isdigit() if name in VOTES else value == locale
+                                for name, value in checks)
 
 
 def read_clip_durations(folder):
@@ -82,12 +93,8 @@ def read_clip_durations(folder):
                          "read from the mp3 headers).")
     clip = header.index("clip")
     ms = next(i for i, h in enumerate(header) if h.startswith("duration"))
-    out = {}
-    for line in lines[1:]:
-        fields = line.split("\t")
-        if len(fields) == len(header) and fields[ms].strip():
-            out[fields[clip]] = float(fields[ms]) / 1000.0
-    return out
+    rows = [line.split("\t") for line in lines[1:]]
+    return {f[clip]: float(f[ms]) / 1000.0 for f in rows if len(f) == len(header) and f[ms].strip()}
 
 
 def _clip_name(path):
@@ -96,27 +103,20 @@ def _clip_name(path):
 
 
 def clean_rows(rows, normalize, tsv_name):
-    """Contract fields of usable rows, and ``[(clip, reason)]`` for the others.
-
-    ``wrd`` is the sentence NFC-composed with whitespace collapsed; a sentence that is empty,
-    normalises to nothing (only punctuation), or holds ``$name`` (which SpeechBrain's CSV reader
-    would try to expand) is skipped, as is a clip listed twice.
-    """
+    """Contract fields of usable rows, and ``[(clip, reason)]`` for the others: ``wrd`` is the
+    sentence NFC-composed with whitespace collapsed; a sentence that is empty or normalises to
+    nothing (only punctuation) is skipped, as is a clip listed twice."""
     group_columns = {g: next((n for n in names if n in (rows[0] if rows else {})), None)
                      for g, names in GROUPS.items()}
     out, skipped, seen = [], [], set()
     for row in rows:
         clip = _clip_name(row["path"].strip()) if row["path"].strip() else "-"
         wrd = " ".join(unicodedata.normalize("NFC", row["sentence"]).split())
-        reason = None
-        if clip == "-":
-            reason = f"empty path in {tsv_name}"
-        elif clip in seen:
-            reason = f"listed twice in {tsv_name}"
-        elif not wrd:
-            reason = "empty sentence"
-        elif not normalize(wrd):
-            reason = f"sentence {wrd!r} is empty after text normalisation"
+        reason = (f"empty path in {tsv_name}" if clip == "-" else
+                  f"listed twice in {tsv_name}" if clip in seen else
+                  "empty sentence" if not wrd else
+                  f"sentence {wrd!r} is empty after text normalisation" if not normalize(wrd)
+                  else None)
         if reason:
             skipped.append((clip, reason))
             continue
@@ -136,15 +136,11 @@ def exclude_dev_test(rows, folder, normalize):
             speakers.add(row["client_id"].strip())
             sentences.add(normalize(row["sentence"]))
     sentences.discard("")
-    kept, excluded = [], []
-    for row in rows:
-        if row["spk_id"] in speakers:
-            excluded.append((row["clip"], "speaker in dev.tsv or test.tsv"))
-        elif normalize(row["wrd"]) in sentences:
-            excluded.append((row["clip"], "sentence in dev.tsv or test.tsv"))
-        else:
-            kept.append(row)
-    return kept, excluded
+    leak = {r["clip"]: "speaker" if r["spk_id"] in speakers else "sentence" for r in rows
+            if r["spk_id"] in speakers or normalize(r["wrd"]) in sentences}
+    return ([r for r in rows if r["clip"] not in leak],
+            [(r["clip"], f"{leak[r['clip']]} in dev.tsv or test.tsv") for r in rows
+             if r["clip"] in leak])
 
 
 def _info(path):
@@ -158,22 +154,52 @@ def _info(path):
     return info.frames / info.samplerate, None
 
 
+def complete_flac(path, sample_rate):
+    """Seconds of a FLAC at ``sample_rate`` that reads to its last sample, else None (absent,
+    unreadable, or cut short: its header still counts every sample, the seek to the end fails)."""
+    try:
+        with sf.SoundFile(path) as f:
+            f.seek(f.frames - 1)  # fails if cut short (or empty)
+            return f.frames / sample_rate if f.samplerate == sample_rate and len(
+                f.read(1)) == 1 else None
+    except Exception:  # soundfile raises several types for broken files
+        return None
+
+
 def convert_clip(job):
-    """Decode ``src``, resample it and write ``dst`` as 16-bit FLAC, unless ``dst`` exists:
-    ``(seconds, None)`` or ``(None, error)``. The write goes to a temporary name first, so a
-    killed conversion never leaves a truncated file that looks done."""
+    """Decode ``src``, resample it and write ``dst`` as 16-bit FLAC unless a complete ``dst``
+    exists (a broken one is written again): ``(seconds, None)`` or ``(None, error)``. The write
+    goes to ``<dst>.<pid>.tmp`` first: a killed conversion leaves no cut file that looks done."""
     src, dst, sample_rate = job
-    if not os.path.exists(dst):
-        try:
-            sig = load_audio(src, sample_rate).clamp_(-1.0, 1.0).numpy()
-        except Exception as err:
-            return None, f"cannot decode audio ({err})"
-        if sig.size == 0:
-            return None, "audio has no samples"
-        tmp = f"{dst}.{os.getpid()}.tmp"
-        sf.write(tmp, sig, sample_rate, format="FLAC", subtype="PCM_16")
-        os.replace(tmp, dst)
+    seconds = complete_flac(dst, sample_rate)
+    if seconds is not None:
+        return seconds, None
+    try:
+        sig = load_audio(src, sample_rate).clamp_(-1.0, 1.0).numpy()
+    except Exception as err:
+        return None, f"cannot decode audio ({err})"
+    if sig.size == 0:
+        return None, "audio has no samples"
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    sf.write(tmp, sig, sample_rate, format="FLAC", subtype="PCM_16")
+    os.replace(tmp, dst)
     return _info(dst)
+
+
+def remove_stale_temps(folder):
+    """Delete the ``<ID>.flac.<pid>.tmp`` files of dead conversions (process gone, or this one),
+    not another live one's (PIDs are per machine: convert into a folder from one at a time)."""
+    for tmp in Path(folder).glob("*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)  # raises unless the process is alive
+                continue
+            except PermissionError:  # alive, another user's
+                continue
+            except (OSError, OverflowError):
+                pass
+        tmp.unlink(missing_ok=True)
 
 
 def _map(fn, jobs, num_workers):
@@ -189,26 +215,22 @@ def _map(fn, jobs, num_workers):
 
 def _split_by_result(rows, results):
     """Rows with ``duration`` set from ``(seconds, error)`` results, and the failed ones."""
-    kept, skipped = [], []
-    for row, (seconds, error) in zip(rows, results, strict=True):
-        if error:
-            skipped.append((row["clip"], error))
-        else:
-            kept.append({**row, "duration": seconds})
-    return kept, skipped
+    pairs = list(zip(rows, results, strict=True))
+    return ([{**r, "duration": sec} for r, (sec, err) in pairs if not err],
+            [(r["clip"], err) for r, (_, err) in pairs if err])
 
 
-def _filter_duration(rows, min_duration, max_duration):
+def _filter_duration(rows, lo, hi):
+    """Rows within ``[lo, hi]`` seconds (None: no limit), and the others with the reason."""
     kept, skipped = [], []
-    for row in rows:
-        if min_duration is not None and row["duration"] < min_duration:
-            skipped.append((row["clip"], f"{row['duration']:.3f} s < min_duration "
-                                         f"{min_duration} s"))
-        elif max_duration is not None and row["duration"] > max_duration:
-            skipped.append((row["clip"], f"{row['duration']:.3f} s > max_duration "
-                                         f"{max_duration} s"))
+    for r in rows:
+        d = r["duration"]
+        reason = (f"{d:.3f} s < min_duration {lo} s" if lo is not None and d < lo else
+                  f"{d:.3f} s > max_duration {hi} s" if hi is not None and d > hi else None)
+        if reason:
+            skipped.append((r["clip"], reason))
         else:
-            kept.append(row)
+            kept.append(r)
     return kept, skipped
 
 
@@ -220,14 +242,28 @@ def _tsv(folder, name):
 
 
 def _write_skipped(path, skipped, split):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("clip\treason\n")
-        f.writelines(f"{clip}\t{' '.join(reason.split())}\n" for clip, reason in skipped)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("clip\treason\n" + "".join(f"{clip}\t{' '.join(reason.split())}\n"
+                                               for clip, reason in skipped), encoding="utf-8")
     tmp.replace(path)
     if skipped:
         logger.warning("CommonVoice %s: %d clip(s) skipped; clip and reason in %s", split,
                        len(skipped), path)
+
+
+def read_stamp(path):
+    """What a ``.source.json`` stamp records; None if absent or unreadable (prepare again)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_stamp(path, source):
+    """Write the stamp whole or not at all (a temporary file, then renamed)."""
+    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(source), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _prepare_split(folder, save_folder, split, tsv_name, settings, num_workers):
@@ -257,10 +293,8 @@ def _prepare_split(folder, save_folder, split, tsv_name, settings, num_workers):
     if settings["resample"] == "once":
         out_dir = save_folder / f"clips_{settings['sample_rate']}"
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob("*.tmp"):  # left by a killed conversion
-            stale.unlink()
-        for r in rows:
-            r["wav"] = str((out_dir / f"{r['ID']}.flac").resolve())
+        remove_stale_temps(out_dir)
+        rows = [{**r, "wav": str((out_dir / f"{r['ID']}.flac").resolve())} for r in rows]
         jobs = [(str(folder / "clips" / r["clip"]), r["wav"], settings["sample_rate"])
                 for r in rows]
         rows, dropped = _split_by_result(rows, _map(convert_clip, jobs, num_workers))
@@ -268,8 +302,7 @@ def _prepare_split(folder, save_folder, split, tsv_name, settings, num_workers):
         rows, dropped = _filter_duration(rows, lo, hi)  # again, on the decoded durations
         skipped += dropped
     else:
-        for r in rows:
-            r["wav"] = f"$data_root/clips/{r['clip']}"
+        rows = [{**r, "wav": f"$data_root/clips/{r['clip']}"} for r in rows]
     report = save_folder / f"skipped_{split}.tsv"
     _write_skipped(report, skipped, split)
     if not rows:
@@ -286,45 +319,34 @@ def prepare_commonvoice(data_folder, save_folder, language, splits=SPLITS, train
 
     Parameters
     ----------
-    data_folder : str or Path
-        The locale folder of an extracted release, e.g. ``.../cv-corpus-17.0/da``, holding
+    data_folder : the locale folder of an extracted release, e.g. ``.../cv-corpus-17.0/da``:
         ``train.tsv``, ``dev.tsv``, ``test.tsv`` (``validated.tsv`` for ``train_tsv=
         "validated"``), ``clips/*.mp3`` and optionally ``clip_durations.tsv``.
-    save_folder : str or Path
-        Where ``<split>.csv``, ``skipped_<split>.tsv`` and (``resample="once"``)
+    save_folder : where ``<split>.csv``, ``skipped_<split>.tsv`` and (``resample="once"``)
         ``clips_<sample_rate>/`` go.
-    language : str
-        Language code of the locale; its normaliser (``speechtune.text``) decides which
-        sentences have no text left (skipped). ``wrd`` itself is not normalised.
-    splits : sequence of str
-        Any of ``SPLITS``.
-    train_tsv : str
-        ``"train"`` (train.tsv) or ``"validated"``: validated.tsv less every clip whose speaker
-        (``client_id``) or sentence is in dev.tsv or test.tsv (more data, no leak into testing).
-    resample : str
-        ``"on_the_fly"``: ``wav`` points at the mp3 (decoded and resampled at every epoch);
-        ``"once"``: each clip is decoded once and written as 16-bit FLAC at ``sample_rate``
-        (resumable: existing FLACs are kept).
-    sample_rate : int
-        The model's sample rate (Hz), for ``resample="once"``.
-    min_duration, max_duration : float or None
-        Seconds; clips outside are skipped (and reported). None: no limit.
-    num_workers : int
-        Processes reading mp3 headers (without ``clip_durations.tsv``) and converting clips.
-    skip_existing : bool
-        Keep a split's CSV made earlier with the same settings (``<split>.csv.source.json``);
-        different settings rewrite it.
+    language : code of the locale; its normaliser (``speechtune.text``) decides which sentences
+        have no text left (skipped). ``wrd`` itself is not normalised.
+    splits : any of ``SPLITS``.
+    train_tsv : ``"train"`` (train.tsv) or ``"validated"``: validated.tsv less every clip whose
+        speaker (``client_id``) or sentence is in dev.tsv or test.tsv (no leak into testing).
+    resample : ``"on_the_fly"``: ``wav`` points at the mp3 (decoded and resampled at every
+        epoch); ``"once"``: each clip is decoded once and written as 16-bit FLAC at
+        ``sample_rate`` (resumable: complete FLACs are kept, broken ones written again).
+    sample_rate : the model's rate (Hz), for ``resample="once"``.
+    min_duration, max_duration : seconds (None: no limit); clips outside are skipped.
+    num_workers : processes reading mp3 headers (without ``clip_durations.tsv``) and converting.
+    skip_existing : keep a split's CSV made earlier with the same settings and, with ``once``,
+        in the same save folder (``<split>.csv.source.json``; unreadable: prepared again); else
+        rewrite it (a moved folder keeps its FLACs: they are reused).
 
     Returns
     -------
-    dict mapping split name to CSV path. Each CSV has columns
-    ``ID,duration,wav,spk_id,wrd,gender,age,accents``: ``ID`` the clip's file stem,
-    ``duration`` seconds (clip_durations.tsv, else the mp3 header; the FLAC with ``once``),
-    ``wav`` ``$data_root/clips/<clip>.mp3`` (``$data_root`` = ``data_folder``) or the absolute
-    path of ``<save_folder>/clips_<sample_rate>/<ID>.flac``, ``spk_id`` the ``client_id``,
-    ``wrd`` the sentence as written (NFC, whitespace collapsed), the groups as in the TSV
-    (``unknown`` when empty). Skipped clips: ``<save_folder>/skipped_<split>.tsv``
-    (``clip``, ``reason``).
+    dict mapping split name to CSV path. Columns ``ID,duration,wav,spk_id,wrd,gender,age,accents``:
+    the clip's file stem, seconds (clip_durations.tsv, else the mp3 header; the FLAC's with
+    ``once``), ``$data_root/clips/<clip>.mp3`` (``$data_root`` = ``data_folder``) or the absolute
+    path of ``<save_folder>/clips_<sample_rate>/<ID>.flac``, the ``client_id``, the sentence as
+    written (NFC, whitespace collapsed), the groups as in the TSV (empty: ``unknown``). Skipped
+    clips: ``<save_folder>/skipped_<split>.tsv`` (``clip``, ``reason``).
     """
     if resample not in RESAMPLE:
         raise ValueError(f"resample={resample!r}: choose from {RESAMPLE} ('on_the_fly' decodes "
@@ -350,39 +372,27 @@ def prepare_commonvoice(data_folder, save_folder, language, splits=SPLITS, train
         settings = {"data_folder": str(folder.resolve()), "tsv": f"{tsv_name}.tsv",
                     "language": language, "resample": resample,
                     "sample_rate": sample_rate if resample == "once" else None,
-                    "min_duration": min_duration, "max_duration": max_duration}
+                    "min_duration": min_duration, "max_duration": max_duration,
+                    # the FLACs' absolute paths are in the CSV: a moved folder prepares again
+                    "save_folder": str(save_folder.resolve()) if resample == "once" else None}
         stamp = csv_path.with_name(csv_path.name + ".source.json")
-        if (skip_existing and csv_path.is_file() and stamp.is_file()
-                and json.loads(stamp.read_text(encoding="utf-8")) == settings):
+        if skip_existing and csv_path.is_file() and read_stamp(stamp) == settings:
             logger.info("%s exists, skipping preparation of %s", csv_path, split)
             continue
         rows = _prepare_split(folder, save_folder, split, tsv_name, settings, num_workers)
         write_manifest(csv_path, rows, COLUMNS)
-        stamp.write_text(json.dumps(settings), encoding="utf-8")
+        write_stamp(stamp, settings)
         logger.info("wrote %s (%d clips)", csv_path, len(rows))
     return out
 
 
 def prepare_commonvoice_recipe(hparams):
-    """A recipe's manifests: the train split, dev as valid, test, all whole.
-
-    The recipe drops training clips outside its ``min_duration``/``max_duration`` itself, so one
-    prepared folder (manifests and, with ``resample: once``, the FLAC copies) serves every
-    recipe and run of a language that points ``manifest_folder`` at it.
-
-    Parameters
-    ----------
-    hparams : dict
-        ``data_folder`` (the locale folder, e.g. ``.../cv-corpus-17.0/da``), ``manifest_folder``,
-        ``language``, ``train_tsv`` (``train`` or ``validated``), ``resample`` (``on_the_fly`` or
-        ``once``), ``sample_rate`` and ``prepare_workers``.
-
-    Returns
-    -------
-    Manifests
-        ``train``, ``valid`` (dev.tsv) and ``tests={"test": ...}`` CSVs in the manifest contract
-        plus the ``gender``, ``age`` and ``accents`` group columns (see ``prepare_commonvoice``).
-    """
+    """A recipe's manifests (``Manifests``: train, dev as valid, ``tests={"test": ...}``), all
+    whole: the recipe drops training clips outside its ``min_duration``/``max_duration`` itself,
+    so one prepared folder (manifests and, with ``resample: once``, the FLAC copies) serves every
+    recipe and run of a language that points ``manifest_folder`` at it. ``hparams``:
+    ``data_folder`` (the locale folder), ``manifest_folder``, ``language``, ``train_tsv``,
+    ``resample``, ``sample_rate`` and ``prepare_workers`` (see ``prepare_commonvoice``)."""
     csvs = prepare_commonvoice(
         hparams["data_folder"], hparams["manifest_folder"], hparams["language"],
         train_tsv=hparams["train_tsv"], resample=hparams["resample"],

@@ -11,7 +11,7 @@ that builds and evaluates the corpus (github.com/alexandrainst/coral):
 - Shards: ``push_to_hub`` writes ``<config>/<split>-00000-of-000NN.parquet`` (datasets'
   ``data_dir = config_name``; older versions append ``-<fingerprint>``); the hub's
   parquet-converter branch has ``<config>/<split>/0000.parquet``. Both are accepted, also under
-  ``data/<config>/`` or with DATA_FOLDER the config folder itself.
+  ``data/<config>/`` or with DATA_FOLDER the config folder itself (named as the subset).
 - Columns (``DATASET_README.md``, ``build_read_aloud_dataset``): ``id_recording``,
   ``id_sentence``, ``id_speaker``, ``text``, ``age``, ``gender``, ``dialect``,
   ``country_birth``, ``validated``, ``audio`` (HF ``Audio``: struct ``{bytes, path}`` holding
@@ -34,10 +34,10 @@ that builds and evaluates the corpus (github.com/alexandrainst/coral):
 
 import csv
 import io
-import json
 import logging
 import os
 import re
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -48,6 +48,12 @@ import torch
 import torchaudio
 
 from speechtune.data import write_manifest
+from speechtune.prepare.commonvoice import (
+    complete_flac,
+    read_stamp,
+    remove_stale_temps,
+    write_stamp,
+)
 from speechtune.recipe import Manifests
 from speechtune.text import get_normalizer
 
@@ -143,17 +149,19 @@ def find_shards(data_folder, subset, split):
     if not root.is_dir():
         raise FileNotFoundError(f"CoRal data folder {root} not found. Fix: download the dataset "
                                 f"there: {DOWNLOAD.format(folder=root)}")
-    for folder in (root / subset, root / "data" / subset, root):
+    # the data folder itself only when it is the subset's folder (not another subset's shards)
+    for folder in (root / subset, root / "data" / subset, *([root] if root.name == subset else [])):
         for pattern in (f"{split}-*.parquet", f"{split}/*.parquet"):  # one layout, never both
             shards = sorted(folder.glob(pattern))
             if shards:
                 return shards
     found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.parquet"))[:10]
+    other = f", the '{root.name}' subset's" if root.name in SUBSETS else ""
     raise FileNotFoundError(
         f"No CoRal shards for subset '{subset}', split '{split}' under {root} (looked for "
         f"{subset}/{split}-*.parquet and {subset}/{split}/*.parquet; parquet files found: "
-        f"{found or 'none'}). Fix: data_folder must be a snapshot of the dataset repo: "
-        f"{DOWNLOAD.format(folder=root)}")
+        f"{found or 'none'}{other}). Fix: data_folder must be a snapshot of the dataset repo "
+        f"(or its {subset}/ folder): {DOWNLOAD.format(folder=root)}")
 
 
 def shard_columns(shard):
@@ -197,18 +205,9 @@ def _decode(audio, sample_rate):
     return signal.numpy()
 
 
-def _existing_duration(path, sample_rate):
-    """Seconds of an already written FLAC at ``sample_rate`` (resume), else None."""
-    try:
-        info = sf.info(str(path))
-    except Exception:  # absent or unreadable: write it again
-        return None
-    return info.frames / sample_rate if info.samplerate == sample_rate else None
-
-
 def _write_flac(path, signal, sample_rate):
     """16-bit FLAC under a temporary name, then renamed: a killed run leaves no partial file."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique per process
     sf.write(tmp, np.clip(signal, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
     os.replace(tmp, path)
 
@@ -224,7 +223,7 @@ def _utterance(value, utt_id, audio_dir, normalize, options):
         raise _Skip(f"transcript empty after the '{options['language']}' normaliser: {text!r}")
     rate, low, high = options["sample_rate"], options["min_duration"], options["max_duration"]
     path = audio_dir / f"{utt_id}.flac"
-    seconds = _existing_duration(path, rate)
+    seconds = complete_flac(path, rate)  # absent, broken or cut short: decode again
     signal = None
     if seconds is None:
         signal = _decode(value["audio"], rate)
@@ -246,11 +245,25 @@ def _safe_id(raw):
     return _UNSAFE.sub("_", str(raw)).strip("._") if raw is not None else ""
 
 
-def _split_rows(shards, split, save_folder, options):
+def _audio_dir(save_folder, split, source, stamp):
+    """``audio/<split>/``, emptied first when its FLACs came from other shards (a newer revision
+    downloaded into data_folder: the same IDs with other audio). Its ``shards.json`` (else, from
+    before it existed, the split's stamp) records which shards; FLACs by ID are reused only then."""
+    audio_dir = save_folder / "audio" / split
+    record = audio_dir / "shards.json"
+    made_from = read_stamp(record) or (read_stamp(stamp) or {}).get("shards")
+    if audio_dir.is_dir() and made_from != source["shards"]:
+        logger.info("CoRal %s: the shards changed; decoding the audio again", split)
+        shutil.rmtree(audio_dir)
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(audio_dir)  # of killed runs, not of another live one
+    write_stamp(record, source["shards"])
+    return audio_dir
+
+
+def _split_rows(shards, split, audio_dir, options):
     """Manifest rows of one split, and the skipped rows ``[id, shard, row, reason]``."""
     normalize = get_normalizer(options["language"])
-    audio_dir = save_folder / "audio" / split
-    audio_dir.mkdir(parents=True, exist_ok=True)
     rows, skipped, first_seen, absent = [], [], {}, set()
     for shard in shards:
         columns = shard_columns(shard)
@@ -281,7 +294,7 @@ def _split_rows(shards, split, save_folder, options):
 
 def _write_report(path, skipped):
     """``id, shard, row, reason`` as TSV, written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t")
         writer.writerow(["id", "shard", "row", "reason"])
@@ -312,9 +325,11 @@ def prepare_coral(data_folder, save_folder, language="da", subset="read_aloud", 
     min_duration, max_duration : float or None
         Skip utterances shorter/longer than this many seconds (None: no bound).
     skip_existing : bool
-        Keep a split's CSV if it was written with the same options (and, where the shards are
-        still there, from the same shards); else prepare it again. Either way, FLAC files
-        already written at ``sample_rate`` are reused, so an interrupted preparation resumes.
+        Keep a split's CSV if it was written with the same options into the same (not moved)
+        save folder and, where the shards are still there, from the same shards (names and
+        sizes); else prepare it again. Complete FLACs at ``sample_rate`` decoded from the same
+        shards are reused (an interrupted or moved preparation resumes); when the shards changed
+        (another revision downloaded), ``audio/<split>/`` is emptied and decoded again.
 
     Returns
     -------
@@ -346,19 +361,18 @@ def prepare_coral(data_folder, save_folder, language="da", subset="read_aloud", 
             shards = find_shards(data_folder, subset, split)
         except FileNotFoundError:
             shards = None
-        source = {"options": options,
+        # the CSV holds the FLACs' absolute paths: a moved save folder prepares again
+        source = {"options": options, "save_folder": str(save_folder.resolve()),
                   "shards": [[p.name, p.stat().st_size] for p in shards or []]}
-        if skip_existing and csv_path.is_file() and stamp.is_file():
-            try:
-                done = json.loads(stamp.read_text(encoding="utf-8"))
-            except ValueError:  # a stamp cut short by a crash: prepare again
-                done = {}
-            if done.get("options") == options and (shards is None or done == source):
-                logger.info("%s is up to date, keeping it", csv_path)
-                continue
+        done = read_stamp(stamp) or {}  # unreadable (cut short by a crash): prepare again
+        keys = ["options", "save_folder"] + (["shards"] if shards is not None else [])
+        if skip_existing and csv_path.is_file() and all(done.get(k) == source[k] for k in keys):
+            logger.info("%s is up to date, keeping it", csv_path)
+            continue
         if shards is None:
             find_shards(data_folder, subset, split)  # raises, naming the folder and the fix
-        rows, skipped = _split_rows(shards, split, save_folder, options)
+        audio_dir = _audio_dir(save_folder, split, source, stamp)
+        rows, skipped = _split_rows(shards, split, audio_dir, options)
         report = save_folder / f"skipped_{split}.tsv"
         _write_report(report, skipped)
         if skipped:
@@ -368,30 +382,18 @@ def prepare_coral(data_folder, save_folder, language="da", subset="read_aloud", 
             raise ValueError(f"CoRal {split}: no usable rows in {len(shards)} shard(s) under "
                              f"{shards[0].parent} ({len(skipped)} skipped; reasons in {report}).")
         write_manifest(csv_path, rows, COLUMNS)
-        stamp.write_text(json.dumps(source), encoding="utf-8")
+        write_stamp(stamp, source)
         logger.info("wrote %s (%d utterances)", csv_path, len(rows))
     return out
 
 
 def prepare_coral_recipe(hparams):
-    """A recipe's manifests: CoRal train, val as valid, test, all whole.
-
-    The recipe drops training utterances outside its ``min_duration``/``max_duration`` itself,
-    so the prepared folder (manifests and extracted audio) is the same for every recipe and run
-    that points ``manifest_folder`` at it: the shards are decoded once.
-
-    Parameters
-    ----------
-    hparams : dict
-        ``data_folder`` (the dataset snapshot), ``manifest_folder``, ``language``,
-        ``coral_subset`` (``read_aloud`` or ``conversation``) and ``sample_rate``.
-
-    Returns
-    -------
-    Manifests
-        ``train.csv``, ``val.csv`` (valid) and ``test.csv`` (tests ``{"test": ...}``) in
-        ``manifest_folder``, columns as ``prepare_coral`` returns.
-    """
+    """A recipe's manifests (``Manifests``: ``train.csv``, ``val.csv`` as valid, ``test.csv`` as
+    ``tests={"test": ...}`` in ``manifest_folder``), all whole: the recipe drops training
+    utterances outside its ``min_duration``/``max_duration`` itself, so the prepared folder
+    (manifests and extracted audio) is the same for every recipe and run that points
+    ``manifest_folder`` at it: the shards are decoded once. ``hparams``: ``data_folder`` (the
+    snapshot), ``manifest_folder``, ``language``, ``coral_subset`` and ``sample_rate``."""
     csvs = prepare_coral(hparams["data_folder"], hparams["manifest_folder"],
                          language=hparams["language"], subset=hparams["coral_subset"],
                          sample_rate=hparams["sample_rate"])
