@@ -17,11 +17,12 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 REQUIRED_COLUMNS = ("ID", "duration", "wav", "spk_id", "wrd")
 
 
-def load_audio(path: str, sample_rate: int) -> torch.Tensor:
-    """Read an audio file as a mono float32 tensor at ``sample_rate`` (mix down, resample)."""
+def load_audio(path, sample_rate: int) -> torch.Tensor:
+    """Read an audio file (a path or a file object) as a mono float32 tensor at
+    ``sample_rate`` (mix down, resample)."""
     data, sr = sf.read(path, dtype="float32", always_2d=True)
     sig = torch.from_numpy(data).mean(dim=1)
-    if sr != sample_rate:
+    if sr != sample_rate and sig.numel():
         sig = torchaudio.functional.resample(sig, sr, sample_rate)
     return sig
 

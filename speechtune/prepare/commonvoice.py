@@ -7,7 +7,6 @@ resampled from the mp3 at every epoch (``resample="on_the_fly"``) or converted o
 the model's rate (``"once"``); ``local/measure_audio_decoding.py`` measures what each costs.
 """
 
-import json
 import logging
 import multiprocessing
 import os
@@ -19,6 +18,14 @@ import soundfile as sf
 import torch
 
 from speechtune.data import load_audio, write_manifest
+from speechtune.prepare.files import (
+    complete_flac,
+    read_stamp,
+    remove_stale_temps,
+    write_flac,
+    write_stamp,
+    write_tsv,
+)
 from speechtune.recipe import Manifests
 from speechtune.text import get_normalizer
 
@@ -154,18 +161,6 @@ def _info(path):
     return info.frames / info.samplerate, None
 
 
-def complete_flac(path, sample_rate):
-    """Seconds of a FLAC at ``sample_rate`` that reads to its last sample, else None (absent,
-    unreadable, or cut short: its header still counts every sample, the seek to the end fails)."""
-    try:
-        with sf.SoundFile(path) as f:
-            f.seek(f.frames - 1)  # fails if cut short (or empty)
-            return f.frames / sample_rate if f.samplerate == sample_rate and len(
-                f.read(1)) == 1 else None
-    except Exception:  # soundfile raises several types for broken files
-        return None
-
-
 def convert_clip(job):
     """Decode ``src``, resample it and write ``dst`` as 16-bit FLAC unless a complete ``dst``
     exists (a broken one is written again): ``(seconds, None)`` or ``(None, error)``. The write
@@ -180,26 +175,8 @@ def convert_clip(job):
         return None, f"cannot decode audio ({err})"
     if sig.size == 0:
         return None, "audio has no samples"
-    tmp = f"{dst}.{os.getpid()}.tmp"
-    sf.write(tmp, sig, sample_rate, format="FLAC", subtype="PCM_16")
-    os.replace(tmp, dst)
+    write_flac(dst, sig, sample_rate)
     return _info(dst)
-
-
-def remove_stale_temps(folder):
-    """Delete the ``<ID>.flac.<pid>.tmp`` files of dead conversions (process gone, or this one),
-    not another live one's (PIDs are per machine: convert into a folder from one at a time)."""
-    for tmp in Path(folder).glob("*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)  # raises unless the process is alive
-                continue
-            except PermissionError:  # alive, another user's
-                continue
-            except (OSError, OverflowError):
-                pass
-        tmp.unlink(missing_ok=True)
 
 
 def _map(fn, jobs, num_workers):
@@ -242,28 +219,10 @@ def _tsv(folder, name):
 
 
 def _write_skipped(path, skipped, split):
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("clip\treason\n" + "".join(f"{clip}\t{' '.join(reason.split())}\n"
-                                               for clip, reason in skipped), encoding="utf-8")
-    tmp.replace(path)
+    write_tsv(path, ["clip", "reason"], skipped)
     if skipped:
         logger.warning("CommonVoice %s: %d clip(s) skipped; clip and reason in %s", split,
                        len(skipped), path)
-
-
-def read_stamp(path):
-    """What a ``.source.json`` stamp records; None if absent or unreadable (prepare again)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def write_stamp(path, source):
-    """Write the stamp whole or not at all (a temporary file, then renamed)."""
-    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(source), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _prepare_split(folder, save_folder, split, tsv_name, settings, num_workers):

@@ -32,27 +32,23 @@ that builds and evaluates the corpus (github.com/alexandrainst/coral):
   (no card found), hence the aliases.
 """
 
-import csv
 import io
 import logging
-import os
 import re
 import shutil
 import unicodedata
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
-import soundfile as sf
-import torch
-import torchaudio
 
-from speechtune.data import write_manifest
-from speechtune.prepare.commonvoice import (
+from speechtune.data import load_audio, write_manifest
+from speechtune.prepare.files import (
     complete_flac,
     read_stamp,
     remove_stale_temps,
+    write_flac,
     write_stamp,
+    write_tsv,
 )
 from speechtune.recipe import Manifests
 from speechtune.text import get_normalizer
@@ -194,22 +190,12 @@ def _decode(audio, sample_rate):
     if not data:
         raise _Skip("audio bytes missing")
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        signal = load_audio(io.BytesIO(data), sample_rate)
     except Exception as err:  # soundfile raises several types for undecodable bytes
         raise _Skip(f"audio undecodable ({str(err).rsplit(': ', 1)[-1]})") from None
-    if samples.shape[0] == 0:
+    if signal.numel() == 0:
         raise _Skip("audio has no samples")
-    signal = torch.from_numpy(samples).mean(dim=1)
-    if rate != sample_rate:
-        signal = torchaudio.functional.resample(signal, rate, sample_rate)
     return signal.numpy()
-
-
-def _write_flac(path, signal, sample_rate):
-    """16-bit FLAC under a temporary name, then renamed: a killed run leaves no partial file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique per process
-    sf.write(tmp, np.clip(signal, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
-    os.replace(tmp, path)
 
 
 def _utterance(value, utt_id, audio_dir, normalize, options):
@@ -233,7 +219,7 @@ def _utterance(value, utt_id, audio_dir, normalize, options):
     if high is not None and seconds > high:
         raise _Skip(f"longer than max_duration ({seconds:.2f} s > {high} s)")
     if signal is not None:
-        _write_flac(path, signal, rate)
+        write_flac(path, signal, rate)
     return {"ID": utt_id, "duration": f"{seconds:.3f}", "wav": str(path.resolve()),
             "spk_id": _label(value.get("speaker")) or UNKNOWN, "wrd": text,
             "dialect": dialect_group(value.get("dialect"), value.get("country_birth")),
@@ -290,16 +276,6 @@ def _split_rows(shards, split, audio_dir, options):
         logger.warning("CoRal %s: no %s column(s) in the shards; those fields are '%s'",
                        split, sorted(absent), UNKNOWN)
     return rows, skipped
-
-
-def _write_report(path, skipped):
-    """``id, shard, row, reason`` as TSV, written atomically."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(["id", "shard", "row", "reason"])
-        writer.writerows(skipped)
-    os.replace(tmp, path)
 
 
 def prepare_coral(data_folder, save_folder, language="da", subset="read_aloud", splits=SPLITS,
@@ -374,7 +350,7 @@ def prepare_coral(data_folder, save_folder, language="da", subset="read_aloud", 
         audio_dir = _audio_dir(save_folder, split, source, stamp)
         rows, skipped = _split_rows(shards, split, audio_dir, options)
         report = save_folder / f"skipped_{split}.tsv"
-        _write_report(report, skipped)
+        write_tsv(report, ["id", "shard", "row", "reason"], skipped)
         if skipped:
             logger.warning("CoRal %s: skipped %d of %d rows; see %s", split, len(skipped),
                            len(rows) + len(skipped), report)
