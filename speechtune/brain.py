@@ -114,6 +114,65 @@ class FineTuneBrain(sb.Brain):
         """Current LR of each optimizer."""
         return {f"lr_{n}": o.param_groups[0]["lr"] for n, o in self.optimizers_dict.items()}
 
+    # ------------------------------------------------------------------ failures of one batch
+    def fit_batch(self, batch):
+        """SpeechBrain's training step; out of GPU memory, the error names the batch: its
+        utterances and their seconds, and the keys that make batches smaller."""
+        try:
+            return super().fit_batch(batch)
+        except torch.OutOfMemoryError as err:
+            seconds = sorted(((float(d), i) for d, i in zip(batch.duration, batch.id,
+                                                             strict=True)), reverse=True)
+            listed = ", ".join(f"{i} ({d:.1f} s)" for d, i in seconds[:5])
+            raise torch.OutOfMemoryError(
+                f"Out of GPU memory on a training batch of {len(seconds)} utterances, "
+                f"{sum(d for d, _ in seconds):.1f} s of audio, the longest {listed}. Lower "
+                "max_batch_seconds (duration-budget batches) or batch_size, lower max_duration "
+                "(drops long training utterances), or train with grad_accumulation_factor to "
+                "keep the effective batch. The checkpoints saved so far are intact: rerunning "
+                f"the command resumes.\n({err})") from err
+
+    # ------------------------------------------------------------------ non-finite losses
+    def on_fit_batch_start(self, batch, should_step):
+        """Remember the batch's utterances (named if its loss is not finite)."""
+        self._batch_ids = list(batch.id)
+
+    def check_loss_isfinite(self, loss):
+        """A batch whose loss is not finite is counted, named in the log, and its optimizer
+        update skipped (``optimizers_step``); more than ``nonfinite_patience`` such batches in
+        an epoch stop the run with their utterance IDs (SpeechBrain counted them but still
+        stepped: in fp32/bf16 the NaN gradients then reached the weights)."""
+        if torch.isfinite(loss):
+            return
+        self.nonfinite_count += 1
+        self._skip_update = True
+        ids = ", ".join(self._batch_ids[:8]) + (" ..." if len(self._batch_ids) > 8 else "")
+        logger.warning("non-finite training loss on batch [%s]: its optimizer update is skipped "
+                       "(%d such batch(es) this epoch; nonfinite_patience: %d)", ids,
+                       self.nonfinite_count, self.nonfinite_patience)
+        if self.nonfinite_count > self.nonfinite_patience:
+            raise ValueError(
+                f"{self.nonfinite_count} training batches of epoch {self.current_epoch} had a "
+                f"non-finite loss (more than nonfinite_patience={self.nonfinite_patience}); the "
+                f"last held [{ids}]. Check those utterances (audio with NaN samples, transcripts "
+                "that do not match), lower the LR or max_grad_norm, or raise nonfinite_patience. "
+                "The checkpoints saved so far are intact: rerunning the command resumes.")
+
+    def optimizers_step(self):
+        """SpeechBrain's update, skipped (gradients dropped) when a batch accumulated into it had
+        a non-finite loss; under DDP every process skips it if one had (fp16's GradScaler skips
+        such updates itself)."""
+        skip, self._skip_update = getattr(self, "_skip_update", False), False
+        if self.distributed_launch and torch.distributed.is_initialized():
+            flag = torch.tensor(float(skip), device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            skip = bool(flag.item())
+        if skip and not self.scaler.is_enabled():
+            for opt in self.optimizers_dict.values():
+                opt.zero_grad(set_to_none=True)
+            return
+        super().optimizers_step()
+
     # ------------------------------------------------------------------ augmentation
     def augment(self, wavs, wav_lens):
         """Waveform augmentation (``augmenter``) in fp32 outside autocast, on the run's device.
@@ -132,10 +191,10 @@ class FineTuneBrain(sb.Brain):
     # ------------------------------------------------------------------ hooks
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """After an optimizer step: schedule LRs, log the loss curve, validate every N steps."""
-        if not should_step:
-            return
+        if not should_step or self.optimizer_step == getattr(self, "_last_update", None):
+            return  # no update this batch (accumulating, or skipped: non-finite loss)
+        self._last_update = step = self.optimizer_step
         self._step_schedulers()
-        step = self.optimizer_step
         if step % self.hparams.log_every_steps == 0:
             self.hparams.history.add_train(step, float(loss.detach()))
         every = self.hparams.valid_every_steps

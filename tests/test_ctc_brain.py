@@ -1,7 +1,10 @@
 """CTCBrain behaviour, driven in-process through the real Synthetic yaml with a micro encoder:
 Noam LR per optimizer step, staged freezing, and the best-WER checkpoint policy."""
 
+import logging
+
 import pytest
+import speechbrain as sb
 import torch
 from conftest import MICRO_ENCODER, REPO
 from hyperpyyaml import load_hyperpyyaml
@@ -236,3 +239,47 @@ def test_average_best_tests_the_mean_of_the_n_best_checkpoints(synthetic_subset,
     exp.brain.hparams.average_best = 5  # more than the run kept: an error naming the fix
     with pytest.raises(ValueError, match="train with num_to_keep >= 5"):
         exp.brain.on_evaluate_start(min_key="WER")
+
+
+def test_a_non_finite_loss_skips_its_update_names_it_and_too_many_stop(synthetic_subset,
+                                                                      tmp_path, caplog):
+    """A NaN loss must not reach the weights: the batch's update is skipped and its utterances
+    named; more than nonfinite_patience such batches in an epoch stop the run."""
+    exp = experiment(synthetic_subset, tmp_path / "run")
+    brain = exp.brain
+    poisoned = sorted(exp.train.data_ids)[3]
+    updates, objectives = [], brain.compute_objectives
+
+    def poison(predictions, batch, stage):
+        loss = objectives(predictions, batch, stage)
+        bad = stage == sb.Stage.TRAIN and poisoned in batch.id
+        if stage == sb.Stage.TRAIN:
+            updates.append(bad)
+        return loss * float("nan") if bad else loss
+
+    brain.compute_objectives = poison
+    with caplog.at_level(logging.WARNING, logger="speechtune.brain"):
+        exp.fit()
+    assert updates.count(True) == 1 and len(updates) >= 3
+    assert brain.optimizer_step == len(updates) - 1  # the poisoned batch's update was skipped
+    assert all(torch.isfinite(p).all() for p in brain.modules.parameters())
+    assert "non-finite training loss on batch [" in caplog.text and poisoned in caplog.text
+
+    exp = experiment(synthetic_subset, tmp_path / "run2")
+    exp.brain.compute_objectives = poison
+    exp.brain.nonfinite_patience = 0
+    with pytest.raises(ValueError, match=rf"(?s)more than nonfinite_patience=0.*{poisoned}"):
+        exp.fit()
+
+
+def test_out_of_memory_names_the_batch_and_how_to_shrink_it(synthetic_subset, tmp_path):
+    exp = experiment(synthetic_subset, tmp_path / "run")
+
+    def oom(batch, stage):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    exp.brain.compute_forward = oom
+    with pytest.raises(torch.OutOfMemoryError, match=r"(?s)training batch of \d+ utterances, "
+                       r"[\d.]+ s of audio, the longest en_train_\d+ \([\d.]+ s\).*"
+                       r"max_batch_seconds.*Tried to allocate"):
+        exp.fit()
