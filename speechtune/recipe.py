@@ -6,18 +6,22 @@ everything else, identical for every corpus, lives here.
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ruamel.yaml
 import speechbrain as sb
-from hyperpyyaml import load_hyperpyyaml
+from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import run_on_main
 
 from speechtune import data
 from speechtune.brain import FineTuneBrain
 from speechtune.preflight import run_preflight
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +42,9 @@ def load_hparams(argv):
         run_opts = dataclasses.replace(run_opts,
                                        optimizer_step_limit=int(run_opts.optimizer_step_limit))
     sb.utils.distributed.ddp_init_group(run_opts)  # under torchrun: one process group per run
+    with open(hparams_file, encoding="utf-8") as f:  # before loading: it builds models there
+        resolved = ruamel.yaml.YAML(typ="rt").load(resolve_references(f, overrides))
+    check_writable(str(resolved["output_folder"]))
     with open(hparams_file, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     sb.create_experiment_directory(
@@ -46,6 +53,21 @@ def load_hparams(argv):
         overrides=overrides,
     )
     return hparams, run_opts
+
+
+def check_writable(folder):
+    """Stop before any work when the results folder cannot be written (read-only, a file in the
+    way, no permission), naming it and the fix."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".speechtune_write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"output_folder {folder} cannot be written ({err}). Pass "
+                      "--output_folder=<a folder you can write, with room for checkpoints>.") \
+            from err
 
 
 def _loader_kwargs(hparams, dataset, stage):
@@ -113,7 +135,9 @@ def build_experiment(hparams, run_opts, prepare, family):
     rows = {split: data.read_manifest(path, hparams["data_folder"])
             for split, path in paths.items()}
     lo, hi = hparams["min_duration"], hparams["max_duration"]
-    rows["train"] = {i: r for i, r in rows["train"].items() if lo <= r["duration"] <= hi}
+    outside = {i: r["duration"] for i, r in rows["train"].items()
+               if not lo <= r["duration"] <= hi}
+    rows["train"] = {i: r for i, r in rows["train"].items() if i not in outside}
     groups = group_columns(hparams["group_columns"], rows)
     setup.set_texts(rows)  # references ("words") and targets, normalised as the family says
     vocab = setup.build_tokenizer(rows["train"])
@@ -123,6 +147,14 @@ def build_experiment(hparams, run_opts, prepare, family):
         max_oov_rate=hparams["preflight_max_oov_rate"],
         report_path=Path(hparams["output_folder"]) / "preflight_report.tsv",
     )
+    if outside and sb.utils.distributed.if_main_process():  # listed in the report, counted
+        with open(Path(hparams["output_folder"]) / "preflight_report.tsv", "a",
+                  encoding="utf-8") as f:
+            f.writelines(f"train\t{i}\toutside_duration_limits\t{d:.3f} s, not within "
+                         f"[{lo}, {hi}] s (min_duration, max_duration)\n"
+                         for i, d in sorted(outside.items()))
+        logger.warning("%d training utterance(s) outside min_duration %s s / max_duration %s s "
+                       "left out (listed in preflight_report.tsv)", len(outside), lo, hi)
 
     datasets = {
         split: data.make_dataset({i: r for i, r in split_rows.items() if i not in dropped[split]},

@@ -1,0 +1,57 @@
+"""A Checkpointer whose checkpoints appear whole or not at all.
+
+SpeechBrain's ``Checkpointer`` writes a checkpoint's ``CKPT.yaml`` first and its parameter files
+after it, and lists every folder that has a ``CKPT.yaml``: a crash or a full disk in the middle
+of a save left a checkpoint that looked complete, the newest one, which the next run then tried
+to resume from. Here ``CKPT.yaml`` is written under another name and renamed once every file is
+saved; a folder without it is a torn save, ignored by every reader and removed by the next save.
+A failed save (disk full, folder not writable) stops the run with the folder and the fix, and the
+earlier checkpoints stay as they were.
+"""
+
+import logging
+import os
+import shutil
+
+from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
+from speechbrain.utils.distributed import if_main_process
+
+logger = logging.getLogger(__name__)
+
+PENDING = f"{METAFNAME}.pending"
+
+
+class AtomicCheckpointer(Checkpointer):
+    """SpeechBrain's ``Checkpointer`` with whole-or-nothing saves (same arguments)."""
+
+    def _save_checkpoint_metafile(self, fpath, meta_to_include=None, end_of_epoch=True):
+        """The meta file under its pending name (renamed when the save is complete)."""
+        return super()._save_checkpoint_metafile(fpath.with_name(PENDING), meta_to_include or {},
+                                                 end_of_epoch)
+
+    def save_checkpoint(self, meta=None, end_of_epoch=True, name=None,
+                        verbosity=logging.INFO):
+        """Save as SpeechBrain does, then publish the checkpoint by renaming its meta file."""
+        if if_main_process():
+            self.remove_torn()
+        try:
+            ckpt = super().save_checkpoint(meta=meta or {}, end_of_epoch=end_of_epoch,
+                                           name=name, verbosity=verbosity)
+        except OSError as err:
+            raise OSError(
+                f"Could not write a checkpoint in {self.checkpoints_dir} ({err}). Free disk "
+                "space there or point --output_folder at a writable disk with room; the "
+                "checkpoints saved before are intact (the torn one is ignored), so rerunning "
+                "the command resumes from the latest of them.") from err
+        if ckpt is not None:  # the main process, once every file is written
+            os.replace(ckpt.path / PENDING, ckpt.path / METAFNAME)
+        return ckpt
+
+    def remove_torn(self):
+        """Delete checkpoint folders a crash or a failed save left without their meta file."""
+        if not self.checkpoints_dir.is_dir():
+            return
+        for path in self.checkpoints_dir.glob(f"{CKPT_PREFIX}+*"):
+            if path.is_dir() and not (path / METAFNAME).exists():
+                logger.warning("removing %s: a checkpoint save that did not finish", path)
+                shutil.rmtree(path, ignore_errors=True)
