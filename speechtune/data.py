@@ -22,6 +22,9 @@ def load_audio(path, sample_rate: int) -> torch.Tensor:
     ``sample_rate`` (mix down, resample)."""
     data, sr = sf.read(path, dtype="float32", always_2d=True)
     sig = torch.from_numpy(data).mean(dim=1)
+    if not torch.isfinite(sig).all():  # would give NaN features: a NaN loss or a silent wrong WER
+        raise ValueError(f"{path}: the audio holds NaN or infinite samples; re-encode the file "
+                         "(16-bit PCM or FLAC) or remove its row from the manifest")
     if sr != sample_rate and sig.numel():
         sig = torchaudio.functional.resample(sig, sr, sample_rate)
     return sig

@@ -64,6 +64,9 @@ FIXES = {
                       "long training utterances (the encoder sees one fixed window)",
     "too_many_tokens": "cut the utterance, or drop it with --preflight=skip (the decoder has a "
                        "fixed number of positions)",
+    "empty_audio": "the file holds no samples: re-export it or remove the row",
+    "empty_text": "the transcript is empty after the language's normaliser (blank, or only "
+                  "punctuation): fix the transcript or remove the row",
 }
 # reported in the log and the report, never fatal, never dropped
 WARNINGS = {"audio_cut": "scored against the full transcript from the first window only"}
@@ -86,6 +89,9 @@ def check_audio(split, rows, duration_tolerance):
             info = sf.info(path)
         except Exception as err:  # soundfile raises several types for broken files
             problems.append(Problem(split, row["ID"], "unreadable_audio", f"{path}: {err}"))
+            continue
+        if info.frames == 0:
+            problems.append(Problem(split, row["ID"], "empty_audio", path))
             continue
         declared, actual = float(row["duration"]), info.frames / info.samplerate
         if abs(declared - actual) > max(duration_tolerance, 0.02 * actual):
@@ -210,6 +216,10 @@ def run_preflight(splits, vocab, label_check, mode="error",
         report.problems += check_audio(split, rows, duration_tolerance)
         texts = [row["target"] for row in rows]
         for row, text in zip(rows, texts, strict=True):
+            if not str(row.get("words", text)).strip():
+                report.problems.append(Problem(split, row["ID"], "empty_text",
+                                               repr(row.get("wrd", text))))
+                continue
             found = label_check(split, row, text)
             if found is not None:
                 report.problems.append(Problem(split, row["ID"], *found))
