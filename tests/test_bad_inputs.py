@@ -12,6 +12,7 @@ from test_ctc_brain import experiment
 from test_preflight import check, clean_splits, make_wav
 
 from speechtune.data import load_audio
+from speechtune.models import normalize_per_utterance
 from speechtune.preflight import PreflightError
 
 
@@ -48,6 +49,15 @@ def test_nan_samples_stop_with_the_file_named(tmp_path):
     with pytest.raises(ValueError, match=r"nan.wav: the audio holds NaN or infinite samples; "
                                          r"re-encode"):
         load_audio(str(tmp_path / "nan.wav"), 16000)
+
+
+def test_digital_silence_gives_finite_features_and_is_trained_as_is(tmp_path):
+    """Silence with a transcript is a data error no cheap check can see; it must at least not
+    turn into NaN features (per-utterance normalisation divides by the standard deviation)."""
+    sf.write(tmp_path / "silence.wav", np.zeros(16000, dtype="float32"), 16000)
+    sig = load_audio(str(tmp_path / "silence.wav"), 16000)[None]
+    feats = normalize_per_utterance(sig, torch.ones(1))
+    assert torch.isfinite(feats).all() and float(feats.abs().max()) == 0.0
 
 
 def test_an_empty_audio_file_is_named(tmp_path):

@@ -66,3 +66,16 @@ def test_ctc_recipes_whose_yaml_names_tune_lm_have_it():
         assert f"tune(sys.argv[1:], {prepare})" in tune.read_text(), tune
         spec = importlib.util.spec_from_file_location(f"tune_{recipe.parent.name}", tune)
         spec.loader.exec_module(importlib.util.module_from_spec(spec))  # imports resolve
+
+
+def test_every_bad_input_row_names_a_test_that_exists():
+    """The README's bad-input catalogue: at least 25 rows, each backed by a test function."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text.split("## Bad inputs", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if re.match(r"^\| \d+ \|", line)]
+    assert len(rows) >= 25
+    for row in rows:
+        found = re.search(r"`(tests/\w+\.py)::(\w+)`", row)
+        assert found, f"no test named in: {row}"
+        source = (REPO / found.group(1)).read_text(encoding="utf-8")
+        assert re.search(rf"^def {found.group(2)}\(", source, re.M), row

@@ -80,6 +80,9 @@ def test_manifest_reader_expands_data_root_in_wav_only(tmp_path):
     path.write_text("ID,duration,wav,spk_id,wrd\na,1.5,x.flac,s,t\na,2,y.flac,s,u\n")
     with pytest.raises(ValueError, match=r"line 3: duplicate ID 'a'"):
         read_manifest(path, "/corpus")
+    path.write_text("ID,duration,wav,spk_id\na,1.5,x.flac,s\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['wrd'\]; a manifest needs"):
+        read_manifest(path, "/corpus")
     path.write_text("ID,duration,wav,spk_id,wrd\na,1.5s,x.flac,s,t\n")
     with pytest.raises(ValueError, match=r"line 2: duration '1.5s' of 'a' is not a number"):
         read_manifest(path, "/corpus")
