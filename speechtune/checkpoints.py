@@ -11,9 +11,19 @@ earlier checkpoints stay as they were.
 
 import logging
 import os
+import random
 import shutil
 
-from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
+import numpy as np
+import torch
+from speechbrain.utils.checkpoints import (
+    CKPT_PREFIX,
+    METAFNAME,
+    Checkpointer,
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
 from speechbrain.utils.distributed import if_main_process
 
 logger = logging.getLogger(__name__)
@@ -55,3 +65,32 @@ class AtomicCheckpointer(Checkpointer):
             if path.is_dir() and not (path / METAFNAME).exists():
                 logger.warning("removing %s: a checkpoint save that did not finish", path)
                 shutil.rmtree(path, ignore_errors=True)
+
+
+@register_checkpoint_hooks
+class RNGState:
+    """The random generators' states (Python, NumPy, torch CPU and CUDA), checkpointed so that a
+    resumed run draws the masks, dropout and augmentation the uninterrupted one would have."""
+
+    @staticmethod
+    def capture():
+        """The current states."""
+        return {"python": random.getstate(), "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    @mark_as_saver
+    def save(self, path):
+        """Write the current states."""
+        torch.save(self.capture(), path)
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=True):
+        """Set the generators to the saved states."""
+        del end_of_epoch
+        state = torch.load(path, weights_only=False)
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -181,9 +181,9 @@ def build_tiny_encoder(path, model_type="wavlm", seed=0, **config):
     normalisation, attention masks) so SpeechBrain's wrapper loads the folder like a hub model.
     """
     path = Path(path)
-    torch.manual_seed(seed)
-    hf_config = AutoConfig.for_model(model_type, **config)
-    model = AutoModel.from_config(hf_config)
+    with torch.random.fork_rng():  # the run's own random stream is left as it was
+        torch.manual_seed(seed)
+        model = AutoModel.from_config(AutoConfig.for_model(model_type, **config))
     model.save_pretrained(path)
     Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
@@ -277,13 +277,14 @@ def build_tiny_whisper(path, texts, multilingual=True, bpe_vocab_size=600, chunk
                                  unk_token=eot, pad_token=eot)
     tokenizer.add_special_tokens({"additional_special_tokens": whisper_special_tokens()})
     ids = tokenizer.convert_tokens_to_ids
-    torch.manual_seed(seed)
     hf_config = WhisperConfig(
         vocab_size=WHISPER_VOCAB_MULTILINGUAL if multilingual else WHISPER_VOCAB_ENGLISH,
         decoder_start_token_id=ids("<|startoftranscript|>"), eos_token_id=ids(eot),
         pad_token_id=ids(eot), bos_token_id=ids(eot), suppress_tokens=[],
         begin_suppress_tokens=[], max_source_positions=chunk_length * 50, **config)
-    model = WhisperForConditionalGeneration(hf_config)
+    with torch.random.fork_rng():  # the run's own random stream is left as it was
+        torch.manual_seed(seed)
+        model = WhisperForConditionalGeneration(hf_config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     WhisperFeatureExtractor(feature_size=hf_config.num_mel_bins,

@@ -19,6 +19,7 @@ from speechbrain.utils.distributed import run_on_main
 
 from speechtune import data
 from speechtune.brain import FineTuneBrain
+from speechtune.checkpoints import RNGState
 from speechtune.preflight import run_preflight
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,9 @@ def build_experiment(hparams, run_opts, prepare, family):
     tests = datasets
     setup.add_pipelines([train, valid, *tests.values()])
 
+    # a resumed run draws what the uninterrupted one would have (checkpoints of runs from before
+    # this was recorded resume without it)
+    hparams["checkpointer"].add_recoverable("rng", RNGState(), optional_load=True)
     brain = setup.brain_class(modules=setup.modules(), hparams=hparams, run_opts=run_opts,
                               checkpointer=hparams["checkpointer"])
     run_on_main(record_run, args=[hparams, setup, brain.optimizer_step_limit])
