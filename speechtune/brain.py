@@ -234,8 +234,9 @@ class FineTuneBrain(sb.Brain):
                 meta["averaged"] = " + ".join(self.averaged_from)
             self.hparams.train_logger.log_stats(stats_meta=meta, test_stats=stats)
             path = f"{self.hparams.output_folder}/wer_{self.test_split}.txt"
-            with open(path, "w", encoding="utf-8") as f:
-                self.wer_metric.write_stats(f)
+            if sb.utils.distributed.if_main_process():  # under DDP every process tested it all
+                with open(path, "w", encoding="utf-8") as f:
+                    self.wer_metric.write_stats(f)
             self.test_stats = stats
             if self.groups and self.groups.get(self.test_split) and \
                     sb.utils.distributed.if_main_process():
