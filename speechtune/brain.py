@@ -173,6 +173,14 @@ class FineTuneBrain(sb.Brain):
             return
         super().optimizers_step()
 
+    def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
+        """SpeechBrain's ``ckpt_interval_minutes`` / ``ckpt_interval_steps`` checkpoints, only
+        right after an update: between accumulated batches the gradients so far are not in a
+        checkpoint, and a resumed run would lose them."""
+        if self.step % self.grad_accumulation_factor:
+            return False
+        return super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
+
     # ------------------------------------------------------------------ augmentation
     def augment(self, wavs, wav_lens):
         """Waveform augmentation (``augmenter``) in fp32 outside autocast, on the run's device.

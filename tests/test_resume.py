@@ -109,3 +109,36 @@ def test_killed_at_six_moments_the_rerun_ends_like_an_uninterrupted_run(tmp_path
     print(json.dumps({"kills": seen, "valid_loss_last": [reference[-1][1], final[0]],
                       "valid_WER_last": [reference[-1][2], final[1]],
                       "test_WER": [final_test_wer(whole), final_test_wer(out)]}))
+
+
+@pytest.mark.recipe
+def test_checkpoints_every_n_steps_without_validation_resume_mid_epoch(tmp_path):
+    """`ckpt_interval_steps` (or `_minutes`): checkpoints inside an epoch without validating,
+    saved only after an update (never between accumulated batches); killed after one, the rerun
+    goes on from there and ends like the uninterrupted run."""
+    data = tmp_path / "data"
+    write_subset(SYNTHETIC / "en", data / "en", {"train": 24, "valid": 6, "test": 6})
+    # every 3 batches with updates every 2: without the update rule it would save mid-update
+    extra = ["--number_of_epochs=1", "--valid_every_steps=0", "--ckpt_interval_steps=3",
+             "--grad_accumulation_factor=2"]
+
+    def cmd(out):
+        replaced = ("--number_of_epochs", "--valid_every_steps")
+        return [a for a in command(data, out) if not a.startswith(replaced)] + extra
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    assert subprocess.run(cmd(whole), cwd=RECIPE, env=env, capture_output=True).returncode == 0
+    proc = subprocess.Popen(cmd(out), cwd=RECIPE, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    intra = []
+    while proc.poll() is None and not intra:
+        intra = [c for c in (out / "save").glob("CKPT+*/CKPT.yaml")
+                 if "brain_intra_epoch_ckpt" in c.read_text()]
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert intra, "the run ended before its first interval checkpoint"
+    done = subprocess.run(cmd(out), cwd=RECIPE, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert validations(out)[-1][:2] == validations(whole)[-1][:2]  # same step, same valid loss
