@@ -21,6 +21,7 @@ from pathlib import Path
 
 import speechbrain as sb
 import torch
+from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.utils.distributed import run_on_main
 
 from speechtune import data
@@ -116,7 +117,7 @@ class CTCFamily:
             run_on_main(data.build_char_vocab, kwargs=kwargs)
             self.tokenizer = data.build_char_vocab(**kwargs)  # loads what the main process saved
         elif path.exists() and self.hparams["checkpointer"].find_checkpoint() is not None:
-            self.tokenizer = data.pretrained_char_vocab(None, None, None, None, path)  # resumed
+            self.tokenizer = CTCTextEncoder.from_saved(path)  # resumed: the head is checkpointed
         else:
             labels, blank, delimiter, unk, head = self.hparams["encoder"].pretrained_ctc()
             if blank != self.hparams["blank_index"]:
@@ -126,14 +127,7 @@ class CTCFamily:
             kwargs = {"labels": labels, "blank_id": blank, "word_delimiter": delimiter,
                       "unk": unk, "path": path}
             run_on_main(data.pretrained_char_vocab, kwargs=kwargs)
-            self.tokenizer = data.pretrained_char_vocab(**kwargs)
-            mapped = {blank: "<blank>"} | {i: " " for i, c in enumerate(labels) if c == delimiter}
-            if [self.tokenizer.ind2lab.get(i) for i in range(len(labels))] != \
-                    [mapped.get(i, c) for i, c in enumerate(labels)] or \
-                    len(self.tokenizer.ind2lab) != len(labels):
-                raise ValueError(f"{path} was written for another vocabulary than "
-                                 f"{self.hparams['encoder'].source}'s (an earlier run in this "
-                                 "output folder): use another --output_folder, or delete it")
+            self.tokenizer = data.pretrained_char_vocab(**kwargs)  # reloads and checks it
         special = {self.tokenizer.blank_label, getattr(self.tokenizer, "unk_label", None)}
         return {c for c in self.tokenizer.lab2ind if c not in special and len(c) == 1}
 

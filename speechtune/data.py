@@ -119,20 +119,27 @@ def pretrained_char_vocab(labels, blank_id, word_delimiter, unk, path) -> CTCTex
     The model's padding token (its CTC blank, at ``blank_id``) becomes ``<blank>`` and its word
     delimiter (``|``) the space, so targets, decoding and export treat it like a vocabulary built
     here; every id keeps its index, so the pretrained head's rows still mean the same characters.
-    Saved to ``path`` (or reloaded from it, like ``build_char_vocab``).
+    Saved to ``path``; a file already there (an earlier start of the run) must hold exactly these
+    labels: one written for another vocabulary would misalign the head's rows.
     """
-    encoder = CTCTextEncoder()
+    mapped = ["<blank>" if i == blank_id else " " if label == word_delimiter else label
+              for i, label in enumerate(labels)]
     path = Path(path)
     if path.exists():
-        encoder.load(path)
+        encoder = CTCTextEncoder.from_saved(path)
+        if [encoder.ind2lab.get(i) for i in range(len(encoder.ind2lab))] != mapped:
+            raise ValueError(f"{path} was written for another vocabulary than this model's (an "
+                             "earlier run in this output folder): use another --output_folder, "
+                             "or delete it")
         return encoder
-    for index, label in enumerate(labels):
+    encoder = CTCTextEncoder()
+    for index, label in enumerate(mapped):
         if index == blank_id:
-            encoder.insert_blank("<blank>", index=index)
+            encoder.insert_blank(label, index=index)
         elif label == unk:
             encoder.add_unk(label)
         else:
-            encoder.add_label(" " if label == word_delimiter else label)
+            encoder.add_label(label)
     path.parent.mkdir(parents=True, exist_ok=True)
     encoder.save(path)
     return encoder

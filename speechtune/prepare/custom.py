@@ -29,6 +29,7 @@ import soundfile as sf
 from speechbrain.utils.distributed import run_on_main
 
 from speechtune.data import write_manifest
+from speechtune.prepare.files import read_stamp, write_stamp
 from speechtune.recipe import Manifests
 
 ALIASES = {"wav": ("audio", "wav"), "wrd": ("text", "wrd"), "ID": ("id", "ID"),
@@ -173,11 +174,11 @@ def prepare_manifest(manifest, out_csv, data_folder, split):
         if Path(manifest).is_file():
             stat = Path(manifest).stat()
             source.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
-        if out_csv.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == source:
+        if out_csv.is_file() and read_stamp(stamp) == source:
             return  # already prepared from this very file
         rows, header = contract_rows(manifest, split, data_folder)
         write_manifest(out_csv, rows, header)  # atomic: never a half-written manifest
-        stamp.write_text(json.dumps(source))
+        write_stamp(stamp, source)
 
     run_on_main(write)
     return str(out_csv)
