@@ -69,7 +69,12 @@ FIXES = {
                   "punctuation): fix the transcript or remove the row",
 }
 # reported in the log and the report, never fatal, never dropped
-WARNINGS = {"audio_cut": "scored against the full transcript from the first window only"}
+WARNINGS = {
+    "audio_cut": "valid/test utterance(s) longer than the encoder window, scored against the "
+                 "full transcript from the first window only",
+    "outside_duration_limits": "training utterance(s) outside min_duration / max_duration, "
+                               "left out of training",
+}
 
 
 def ctc_min_frames(labels) -> int:
@@ -178,7 +183,7 @@ def case_hint(oov, vocab):
 
 
 def run_preflight(splits, vocab, label_check, mode="error",
-                  max_oov_rate=0.005, duration_tolerance=0.1, report_path=None):
+                  max_oov_rate=0.005, duration_tolerance=0.1, report_path=None, excluded=()):
     """Validate manifests before training; return ``{split: set of IDs to drop}``.
 
     Parameters
@@ -201,6 +206,9 @@ def run_preflight(splits, vocab, label_check, mode="error",
         Seconds by which a manifest duration may differ from the audio (or 2%, the larger).
     report_path : path, optional
         Where to write the report (always written when given).
+    excluded : iterable of Problem
+        Utterances the recipe left out before the checks (kinds in ``WARNINGS``, e.g. training
+        durations outside the limits): reported and logged, not checked.
 
     Returns
     -------
@@ -208,7 +216,7 @@ def run_preflight(splits, vocab, label_check, mode="error",
     """
     if mode not in ("error", "skip"):
         raise ValueError(f"preflight mode must be 'error' or 'skip', got {mode!r}")
-    report = Report()
+    report = Report(problems=list(excluded))
     for split, rows in splits.items():
         if not rows:
             raise PreflightError(f"Split '{split}' is empty: check its manifest and the "
@@ -243,8 +251,7 @@ def run_preflight(splits, vocab, label_check, mode="error",
     for kind, detail in WARNINGS.items():
         cut = [p for p in report.problems if p.kind == kind]
         if cut:
-            logger.warning("pre-flight: %d valid/test utterance(s) longer than the encoder window, "
-                           "%s, e.g. %s (see %s)", len(cut), detail,
+            logger.warning("pre-flight: %d %s, e.g. %s (see %s)", len(cut), detail,
                            ", ".join(f"{p.split}/{p.utt_id}" for p in cut[:3]), report_path)
     problems = [p for p in report.problems if p.kind not in WARNINGS]
     fatal = [p for p in problems if mode == "error" or p.split != "train"]

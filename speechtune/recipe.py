@@ -6,7 +6,6 @@ everything else, identical for every corpus, lives here.
 
 import dataclasses
 import json
-import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -20,9 +19,7 @@ from speechbrain.utils.distributed import run_on_main
 from speechtune import data
 from speechtune.brain import FineTuneBrain
 from speechtune.checkpoints import RNGState
-from speechtune.preflight import run_preflight
-
-logger = logging.getLogger(__name__)
+from speechtune.preflight import Problem, run_preflight
 
 
 @dataclass
@@ -147,15 +144,10 @@ def build_experiment(hparams, run_opts, prepare, family):
         vocab, setup.label_check(), mode=hparams["preflight"],
         max_oov_rate=hparams["preflight_max_oov_rate"],
         report_path=Path(hparams["output_folder"]) / "preflight_report.tsv",
+        excluded=[Problem("train", i, "outside_duration_limits",
+                          f"{d:.3f} s, not within [{lo}, {hi}] s (min_duration, max_duration)")
+                  for i, d in sorted(outside.items())],
     )
-    if outside and sb.utils.distributed.if_main_process():  # listed in the report, counted
-        with open(Path(hparams["output_folder"]) / "preflight_report.tsv", "a",
-                  encoding="utf-8") as f:
-            f.writelines(f"train\t{i}\toutside_duration_limits\t{d:.3f} s, not within "
-                         f"[{lo}, {hi}] s (min_duration, max_duration)\n"
-                         for i, d in sorted(outside.items()))
-        logger.warning("%d training utterance(s) outside min_duration %s s / max_duration %s s "
-                       "left out (listed in preflight_report.tsv)", len(outside), lo, hi)
 
     datasets = {
         split: data.make_dataset({i: r for i, r in split_rows.items() if i not in dropped[split]},
