@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +25,6 @@ from speechbrain.utils.checkpoints import (
     register_checkpoint_hooks,
 )
 from speechbrain.utils.distributed import if_main_process
-from speechbrain.utils.repro import SaveableGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -70,26 +68,29 @@ class AtomicCheckpointer(Checkpointer):
 
 
 @register_checkpoint_hooks
-class RNGState(SaveableGenerator):
-    """SpeechBrain's ``SaveableGenerator`` (the torch CPU and CUDA generators) plus Python's and
-    NumPy's, which it leaves out and transformers' time masking draws from: a resumed run draws
-    the masks, dropout and augmentation the uninterrupted one would have."""
+class RNGState:
+    """The random generators' states (Python, NumPy, torch CPU and CUDA), checkpointed so that a
+    resumed run draws the masks, dropout and augmentation the uninterrupted one would have."""
+
+    @staticmethod
+    def capture():
+        """The current states."""
+        return {"python": random.getstate(), "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     @mark_as_saver
     def save(self, path):
-        """The torch generators in ``path`` (SpeechBrain), Python's and NumPy's beside it."""
-        super().save(path)
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state()},
-                   _host_path(path))
+        """Write the current states."""
+        torch.save(self.capture(), path)
 
     @mark_as_loader
     def load(self, path, end_of_epoch=True):
-        """Set every generator to its saved state."""
-        super().load(path, end_of_epoch)
-        state = torch.load(_host_path(path), weights_only=False)
+        """Set the generators to the saved states."""
+        del end_of_epoch
+        state = torch.load(path, weights_only=False)
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
-
-
-def _host_path(path):
-    return Path(path).with_name(f"{Path(path).stem}_host.ckpt")
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
