@@ -221,12 +221,15 @@ def _ensure_tiny(hub, flag, build_dir, flag_key, hub_key, builder, config):
     marker = path / TINY_MARKER
     wanted = json.loads(json.dumps({"seed": 0, **config}, default=list))
 
-    def build():
-        builder(path, **config)
-        marker.write_text(json.dumps(wanted))
+    def build_if_stale():
+        if not marker.exists() or json.loads(marker.read_text()) != wanted:
+            builder(path, **config)
+            marker.write_text(json.dumps(wanted))
 
-    if not marker.exists() or json.loads(marker.read_text()) != wanted:
-        run_on_main(build)  # once under DDP
+    # Every process enters run_on_main (a barrier under DDP), whatever it finds on disk: deciding
+    # outside it let a slower process see the marker the main process had just written, skip the
+    # barrier, and leave the two waiting in different collectives for ever.
+    run_on_main(build_if_stale)
     return str(path)
 
 
