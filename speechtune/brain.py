@@ -30,6 +30,7 @@ import torch
 from speechbrain.augment.time_domain import SpeedPerturb
 from speechbrain.nnet.schedulers import TriStageLRSchedule
 from speechbrain.utils.checkpoints import average_checkpoints
+from speechbrain.utils.distributed import ddp_all_reduce
 
 from speechtune.metrics import group_rows, write_group_report
 from speechtune.outputs import write_curves
@@ -163,10 +164,9 @@ class FineTuneBrain(sb.Brain):
         a non-finite loss; under DDP every process skips it if one had (fp16's GradScaler skips
         such updates itself)."""
         skip, self._skip_update = getattr(self, "_skip_update", False), False
-        if self.distributed_launch and torch.distributed.is_initialized():
+        if self.distributed_launch:
             flag = torch.tensor(float(skip), device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            skip = bool(flag.item())
+            skip = bool(ddp_all_reduce(flag, torch.distributed.ReduceOp.MAX).item())
         if skip and not self.scaler.is_enabled():
             for opt in self.optimizers_dict.values():
                 opt.zero_grad(set_to_none=True)

@@ -13,6 +13,8 @@ import logging
 import os
 import random
 import shutil
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from speechbrain.utils.checkpoints import (
     mark_as_saver,
     register_checkpoint_hooks,
 )
-from speechbrain.utils.distributed import if_main_process
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +55,14 @@ class AtomicCheckpointer(Checkpointer):
                 "space there or point --output_folder at a writable disk with room; the "
                 "checkpoints saved before are intact (the torn one is ignored), so rerunning "
                 "the command resumes from the latest of them.") from err
+        # Under DDP every process writes its own files (its RNG state): the main process
+        # publishes once all have, and the others go on only once it has. A process that went on
+        # earlier listed the checkpoints without the new one, decided on other deletions than
+        # the main process, and the two hung in different collectives (seen in CI).
+        ddp_barrier()
         if ckpt is not None:  # the main process, once every file is written
             os.replace(ckpt.path / PENDING, ckpt.path / METAFNAME)
+        ddp_barrier()
         return ckpt
 
     def remove_torn(self):
@@ -67,10 +75,15 @@ class AtomicCheckpointer(Checkpointer):
                 shutil.rmtree(path, ignore_errors=True)
 
 
-@register_checkpoint_hooks
+@partial(register_checkpoint_hooks, save_on_main_only=False)  # each process saves its own
 class RNGState:
     """The random generators' states (Python, NumPy, torch CPU and CUDA), checkpointed so that a
-    resumed run draws the masks, dropout and augmentation the uninterrupted one would have."""
+    resumed run draws the masks, dropout and augmentation the uninterrupted one would have.
+
+    Every process of a multi-process run keeps its own: the main process in the checkpoint's
+    ``rng.ckpt``, process ``r`` beside it in ``rng.rank<r>.ckpt``. A run resumed with more
+    processes than it saved gives the new ones the main process's states.
+    """
 
     @staticmethod
     def capture():
@@ -79,16 +92,24 @@ class RNGState:
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
+    @staticmethod
+    def rank_path(path):
+        """This process's file: ``path`` itself on the main process."""
+        path = Path(path)
+        rank = int(os.environ.get("RANK", 0))
+        return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
     @mark_as_saver
     def save(self, path):
-        """Write the current states."""
-        torch.save(self.capture(), path)
+        """Write this process's current states."""
+        torch.save(self.capture(), self.rank_path(path))
 
     @mark_as_loader
     def load(self, path, end_of_epoch=True):
-        """Set the generators to the saved states."""
+        """Set the generators to this process's saved states."""
         del end_of_epoch
-        state = torch.load(path, weights_only=False)
+        own = self.rank_path(path)
+        state = torch.load(own if own.exists() else path, weights_only=False)
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])

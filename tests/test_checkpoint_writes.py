@@ -100,3 +100,23 @@ def test_an_unwritable_results_folder_stops_before_any_work(tmp_path):
     with pytest.raises(OSError, match=r"output_folder .*a_file/run cannot be written .*Pass "
                                       r"--output_folder="):
         load_hparams([str(yaml), f"--output_folder={blocker / 'run'}"])
+
+
+def test_each_process_resumes_its_own_random_generators(tmp_path, monkeypatch):
+    """Under DDP every process saves its generators' states (the main process in ``rng.ckpt``,
+    process r in ``rng.rank<r>.ckpt``) and draws on from its own; a process that has no file
+    (resumed with more processes) takes the main process's states."""
+    from speechtune.checkpoints import RNGState
+
+    drawn = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        torch.manual_seed(int(rank) + 10)
+        RNGState().save(tmp_path / "rng.ckpt")
+        drawn[rank] = torch.rand(3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rng.ckpt", "rng.rank1.ckpt"]
+    for rank in ("1", "0", "2"):
+        monkeypatch.setenv("RANK", rank)
+        torch.manual_seed(99)
+        RNGState().load(tmp_path / "rng.ckpt")
+        assert torch.equal(torch.rand(3), drawn["0" if rank == "2" else rank]), rank

@@ -42,7 +42,7 @@ def torchrun(recipe, args, nproc):
                  "--standalone"] if nproc > 1 else [sys.executable])
     done = subprocess.run([*launcher, "train.py", *args, "--device=cpu",
                            *(["--distributed_backend=gloo"] if nproc > 1 else [])],
-                          cwd=recipe, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=recipe, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
     return done
 
@@ -83,6 +83,12 @@ def test_two_processes_train_half_the_steps_and_only_rank_0_writes(tmp_path, fam
     assert "%WER" in (runs[2] / "wer_test.txt").read_text()
     kept = list((runs[2] / "save").glob("CKPT+*"))
     assert 1 <= len(kept) <= 2 and all((k / "CKPT.yaml").exists() for k in kept)
+    assert all((k / "rng.rank1.ckpt").exists() for k in kept)  # each process's generators
+    # rerun with one more epoch: both processes resume (each from its own generators' states)
+    more = [a for a in args if not a.startswith("--number_of_epochs")] + ["--number_of_epochs=3"]
+    torchrun(recipe, [*more, f"--output_folder={runs[2]}"], 2)
+    resumed, _ = log_lines(runs[2])
+    assert [e for e, _, _ in resumed] == [1, 2, 3] and resumed[2][1] == 3 * two[0][1]
     # the same model trained on the same data: the valid loss is in line with one process
     # (two processes average two batches' gradients per update, so the paths differ a little)
     assert two[-1][2] == pytest.approx(one[-1][2], rel=0.25), (one, two)
