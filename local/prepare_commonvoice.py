@@ -51,6 +51,9 @@ if __name__ == "__main__":
                              "then prepare again)")
     parser.add_argument("--prepare_workers", "--workers", type=int, default=1,
                         help="processes reading mp3 headers and converting clips")
+    parser.add_argument("--locale", default=None,
+                        help="the locale the TSVs must hold (default: any of the language, "
+                             "sv-SE for sv); for a locale whose code names another language")
     parser.add_argument("--overwrite", action="store_true",
                         help="rewrite existing CSVs (converted FLACs are kept)")
     args = parser.parse_args()
@@ -58,5 +61,6 @@ if __name__ == "__main__":
             args.data_folder, args.save_folder, args.language, splits=args.splits,
             train_tsv=args.train_tsv, resample=args.resample, sample_rate=args.sample_rate,
             min_duration=args.min_duration, max_duration=args.max_duration,
-            num_workers=args.prepare_workers, skip_existing=not args.overwrite).items():
+            num_workers=args.prepare_workers, skip_existing=not args.overwrite,
+            locale=args.locale).items():
         print(f"{split}: {path}")

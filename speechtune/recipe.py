@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,11 @@ class Manifests:
 
 def load_hparams(argv):
     """Parse ``hparams.yaml [--key=value ...]``, load the yaml, create the output folder."""
+    given = Counter(a[2:].split("=")[0] for a in argv if a.startswith("--"))
+    twice = {key: n for key, n in given.items() if n > 1}
+    if twice:  # SpeechBrain fails in ruamel (yaml keys) or keeps the last one (run options)
+        raise ValueError("Given more than once on the command line: " + ", ".join(
+            f"--{key} ({n} times)" for key, n in twice.items()) + ". Give each option once.")
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     if isinstance(run_opts.optimizer_step_limit, str):
         # SpeechBrain 1.1's parser leaves this Optional[int] option a string: the documented

@@ -44,8 +44,11 @@ def get_normalizer(language: str) -> Callable[[str], str]:
     try:
         return _NORMALIZERS[language]
     except KeyError:
+        base = language.split("-")[0]
+        hint = (f"'{language}' looks like a CommonVoice locale: pass its language code, "
+                f"--language={base}. " if base != language and base in _NORMALIZERS else "")
         raise ValueError(
-            f"No text normaliser for language '{language}'. Available: "
+            f"No text normaliser for language '{language}'. {hint}Available: "
             f"{', '.join(available_languages())}. Add one with "
             f"@speechtune.text.register_normalizer('{language}') (see speechtune/text.py)."
         ) from None

@@ -255,6 +255,22 @@ def test_errors_name_the_path_and_the_fix(copy, tmp_path):
         prepare_commonvoice(copy, tmp_path, "da", splits=["dev"])
 
 
+
+def test_another_locales_folder_stops_naming_the_locale_and_the_fix(release, tmp_path):
+    """The TSVs' locale column must be the run's language (its region part aside): a German
+    run pointed at the Danish folder would train and score on Danish text quietly."""
+    with pytest.raises(ValueError, match=r"train.tsv holds clips of locale 'da' but the run "
+                                         r"expects language 'de'.*--language=da"):
+        prepare_commonvoice(release.folder, tmp_path, "de", splits=["train"])
+    with pytest.raises(ValueError, match="expects locale 'da-DK'.*--locale=da"):
+        prepare_commonvoice(release.folder, tmp_path, "da", splits=["train"], locale="da-DK")
+    # a locale whose code names another language: accepted when named
+    out = prepare_commonvoice(release.folder, tmp_path, "nb", splits=["dev"], locale="da")
+    assert rows_of(out["dev"])
+    with pytest.raises(ValueError, match="looks like a CommonVoice locale: pass its language "
+                                         "code, --language=sv"):
+        prepare_commonvoice(release.folder, tmp_path, "sv-SE")
+
 def test_recipe_function_prepares_whole_splits(release, tmp_path):
     """The recipe filters training durations itself, so one prepared folder serves every
     recipe and run of a language: the recipe function's manifests are the whole splits."""

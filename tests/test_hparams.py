@@ -76,3 +76,16 @@ def test_unknown_override_is_an_error(tmp_path):
     path = REPO / "recipes/Synthetic/CTC/hparams/wavlm_tiny.yaml"
     with open(path, encoding="utf-8") as f, pytest.raises(KeyError, match="lr_enocder"):
         load_hyperpyyaml(f, {"lr_enocder": 0.1, "output_folder": str(tmp_path)})
+
+
+def test_an_option_given_twice_is_named(tmp_path):
+    """SpeechBrain fails with a ruamel duplicate-key trace for a yaml key given twice and keeps
+    the last of a run option given twice: both stop, naming the option."""
+    from speechtune.recipe import load_hparams
+
+    path = REPO / "recipes/Synthetic/CTC/hparams/wavlm_tiny.yaml"
+    with pytest.raises(ValueError, match=r"more than once on the command line: "
+                                         r"--number_of_epochs \(2 times\), --device \(2 times\)"):
+        load_hparams([str(path), "--number_of_epochs=2", f"--output_folder={tmp_path}",
+                      "--device=cpu", "--number_of_epochs", "3", "--device=cuda"])
+    assert not list(tmp_path.iterdir())  # stopped before anything was written

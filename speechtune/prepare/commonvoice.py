@@ -77,6 +77,25 @@ def read_tsv(path):
     return rows, skipped
 
 
+def check_locale(rows, language, locale, tsv_name):
+    """Stop when the TSV's ``locale`` column is not the expected locale: ``locale`` if given,
+    else any whose language part is ``language`` (``sv-SE`` for ``sv``). Another locale's folder
+    would otherwise train and score quietly on the wrong language's text normaliser and model
+    language token."""
+    found = Counter(r.get("locale", "").strip() for r in rows)
+    found.pop("", None)
+    if not found:
+        return  # old releases have no locale column
+    top = found.most_common(1)[0][0]
+    if (top == locale) if locale else (top.split("-")[0].lower() == language.lower()):
+        return
+    raise ValueError(
+        f"{tsv_name}.tsv holds clips of locale {top!r} but the run expects "
+        f"{'locale ' + repr(locale) if locale else 'language ' + repr(language)}. Fix: point "
+        f"data_folder at the right locale folder, or pass --language={top.split('-')[0]} (the "
+        f"locale's language code). When {top!r} really is language {language!r} (for example "
+        f"zh-HK for Cantonese, yue), pass --locale={top}.")
+
 def _fits(header, fields, sentence, locale):
     """Whether the columns after the (rejoined) sentence hold what they should: vote counts
     numbers, ``locale`` the other rows' locale; False when none of them is there to tell."""
@@ -229,6 +248,7 @@ def _prepare_split(folder, save_folder, split, tsv_name, settings, num_workers):
     """Rows of one split, every skip written to ``skipped_<split>.tsv``; the manifest rows."""
     normalize = get_normalizer(settings["language"])
     rows, skipped = read_tsv(_tsv(folder, tsv_name))
+    check_locale(rows, settings["language"], settings["locale"], tsv_name)
     rows, dropped = clean_rows(rows, normalize, f"{tsv_name}.tsv")
     skipped += dropped
     if tsv_name == "validated":
@@ -273,7 +293,7 @@ def _prepare_split(folder, save_folder, split, tsv_name, settings, num_workers):
 
 def prepare_commonvoice(data_folder, save_folder, language, splits=SPLITS, train_tsv="train",
                         resample="on_the_fly", sample_rate=16000, min_duration=None,
-                        max_duration=None, num_workers=1, skip_existing=True):
+                        max_duration=None, num_workers=1, skip_existing=True, locale=None):
     """Write one manifest per CommonVoice split.
 
     Parameters
@@ -294,6 +314,8 @@ def prepare_commonvoice(data_folder, save_folder, language, splits=SPLITS, train
     sample_rate : the model's rate (Hz), for ``resample="once"``.
     min_duration, max_duration : seconds (None: no limit); clips outside are skipped.
     num_workers : processes reading mp3 headers (without ``clip_durations.tsv``) and converting.
+    locale : the locale the TSVs' ``locale`` column must hold; None: any whose language part is
+        ``language`` (``sv-SE`` for ``sv``). Another locale stops the preparation.
     skip_existing : keep a split's CSV made earlier with the same settings and, with ``once``,
         in the same save folder (``<split>.csv.source.json``; unreadable: prepared again); else
         rewrite it (a moved folder keeps its FLACs: they are reused).
@@ -329,7 +351,7 @@ def prepare_commonvoice(data_folder, save_folder, language, splits=SPLITS, train
         csv_path = save_folder / f"{split}.csv"
         out[split] = str(csv_path)
         settings = {"data_folder": str(folder.resolve()), "tsv": f"{tsv_name}.tsv",
-                    "language": language, "resample": resample,
+                    "language": language, "locale": locale, "resample": resample,
                     "sample_rate": sample_rate if resample == "once" else None,
                     "min_duration": min_duration, "max_duration": max_duration,
                     # the FLACs' absolute paths are in the CSV: a moved folder prepares again
@@ -351,9 +373,11 @@ def prepare_commonvoice_recipe(hparams):
     so one prepared folder (manifests and, with ``resample: once``, the FLAC copies) serves every
     recipe and run of a language that points ``manifest_folder`` at it. ``hparams``:
     ``data_folder`` (the locale folder), ``manifest_folder``, ``language``, ``train_tsv``,
-    ``resample``, ``sample_rate`` and ``prepare_workers`` (see ``prepare_commonvoice``)."""
+    ``resample``, ``sample_rate``, ``prepare_workers`` and optionally ``locale`` (see
+    ``prepare_commonvoice``)."""
     csvs = prepare_commonvoice(
         hparams["data_folder"], hparams["manifest_folder"], hparams["language"],
         train_tsv=hparams["train_tsv"], resample=hparams["resample"],
-        sample_rate=hparams["sample_rate"], num_workers=hparams["prepare_workers"])
+        sample_rate=hparams["sample_rate"], num_workers=hparams["prepare_workers"],
+        locale=hparams.get("locale"))
     return Manifests(train=csvs["train"], valid=csvs["dev"], tests={"test": csvs["test"]})
