@@ -192,6 +192,29 @@ def make_commonvoice_release(root, language, counts):
     return folder
 
 
+CTC_YAML = REPO / "recipes" / "Synthetic" / "CTC" / "hparams" / "wavlm_tiny.yaml"
+
+
+def experiment(data_dir, out, **overrides):
+    """An in-process ``Experiment`` of the Synthetic CTC yaml with the micro encoder (built in
+    ``out``), one epoch, no augmentation; ``overrides`` are yaml keys."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    from speechtune.ctc import CTCFamily
+    from speechtune.prepare.synthetic import prepare_synthetic
+    from speechtune.recipe import build_experiment
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = {
+        "data_folder": str(data_dir), "output_folder": str(out),
+        "encoder_hub": str(out / "tiny_encoder"), "tiny_encoder": MICRO_ENCODER,
+        "max_batch_seconds": 8, "number_of_epochs": 1, "augmenter": None, "min_duration": 0.0,
+    }
+    base.update(overrides)
+    with open(CTC_YAML, encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, base)
+    return build_experiment(hparams, {"device": "cpu"}, prepare_synthetic, CTCFamily)
+
 def write_subset(src_dir, dst_dir, counts):
     """Copy the first ``counts[split]`` rows of each bundled manifest, wav paths made absolute."""
     dst_dir.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SYNTHETIC, write_subset
+from conftest import REPO, SYNTHETIC, experiment, write_subset
 from speechbrain.utils.checkpoints import Checkpointer
-from test_ctc_brain import experiment
 
 TOOL = REPO / "tools" / "checkpoints.py"
 

@@ -6,27 +6,7 @@ import logging
 import pytest
 import speechbrain as sb
 import torch
-from conftest import MICRO_ENCODER, REPO
-from hyperpyyaml import load_hyperpyyaml
-
-from speechtune.ctc import CTCFamily
-from speechtune.prepare.synthetic import prepare_synthetic
-from speechtune.recipe import build_experiment
-
-YAML = REPO / "recipes" / "Synthetic" / "CTC" / "hparams" / "wavlm_tiny.yaml"
-
-
-def experiment(data_dir, out, **overrides):
-    out.mkdir(parents=True, exist_ok=True)
-    base = {
-        "data_folder": str(data_dir), "output_folder": str(out),
-        "encoder_hub": str(out / "tiny_encoder"), "tiny_encoder": MICRO_ENCODER,
-        "max_batch_seconds": 8, "number_of_epochs": 1, "augmenter": None, "min_duration": 0.0,
-    }
-    base.update(overrides)
-    with open(YAML, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, base)
-    return build_experiment(hparams, {"device": "cpu"}, prepare_synthetic, CTCFamily)
+from conftest import experiment
 
 
 def noam(peak, warmup, step):

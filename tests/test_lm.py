@@ -11,11 +11,10 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 import yaml
-from conftest import MICRO_ENCODER, REPO, SYNTHETIC
+from conftest import MICRO_ENCODER, REPO, SYNTHETIC, experiment
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.metric_stats import ErrorRateStats
-from test_ctc_brain import experiment
 
 from speechtune import lm
 from speechtune.data import build_char_vocab
