@@ -33,7 +33,11 @@ class Manifests:
 
 
 def load_hparams(argv):
-    """Parse ``hparams.yaml [--key=value ...]``, load the yaml, create the output folder."""
+    """Parse ``hparams.yaml [--key=value ...]``, load the yaml, create the output folder.
+
+    ``--key=~/path`` is expanded to the home folder, as the shell does for ``--key ~/path`` but
+    not after ``=``: a literal ``~`` folder in the recipe folder is never what was meant."""
+    argv = [_expand_home(arg) for arg in argv]
     given = Counter(a[2:].split("=")[0] for a in argv if a.startswith("--"))
     twice = {key: n for key, n in given.items() if n > 1}
     if twice:  # SpeechBrain fails in ruamel (yaml keys) or keeps the last one (run options)
@@ -57,6 +61,13 @@ def load_hparams(argv):
         overrides=overrides,
     )
     return hparams, run_opts
+
+
+def _expand_home(arg):
+    key, eq, value = arg.partition("=")
+    if key.startswith("--") and eq and (value == "~" or value.startswith("~/")):
+        return f"{key}={os.path.expanduser(value)}"
+    return arg
 
 
 def check_writable(folder):

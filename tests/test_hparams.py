@@ -89,3 +89,17 @@ def test_an_option_given_twice_is_named(tmp_path):
         load_hparams([str(path), "--number_of_epochs=2", f"--output_folder={tmp_path}",
                       "--device=cpu", "--number_of_epochs", "3", "--device=cuda"])
     assert not list(tmp_path.iterdir())  # stopped before anything was written
+
+
+def test_a_home_folder_after_the_equals_sign_is_expanded(tmp_path, monkeypatch):
+    """The shell expands ``--data_folder ~/cv`` but not ``--data_folder=~/cv``; the runner does,
+    so neither the manifests' ``$data_root`` nor the output folder holds a literal ``~``."""
+    from speechtune.recipe import load_hparams
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = REPO / "recipes/Synthetic/CTC/hparams/wavlm_tiny.yaml"
+    hparams, _ = load_hparams([str(path), "--output_folder=~/run", "--data_folder=~/corpus",
+                               f"--tiny_encoder={json.dumps(MICRO_ENCODER)}"])
+    assert hparams["output_folder"] == str(tmp_path / "run")
+    assert hparams["data_folder"] == str(tmp_path / "corpus")
+    assert (tmp_path / "run").is_dir()
