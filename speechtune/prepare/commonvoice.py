@@ -96,6 +96,7 @@ def check_locale(rows, language, locale, tsv_name):
         f"locale's language code). When {top!r} really is language {language!r} (for example "
         f"zh-HK for Cantonese, yue), pass --locale={top}.")
 
+
 def _fits(header, fields, sentence, locale):
     """Whether the columns after the (rejoined) sentence hold what they should: vote counts
     numbers, ``locale`` the other rows' locale; False when none of them is there to tell."""
