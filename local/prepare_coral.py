@@ -42,12 +42,15 @@ if __name__ == "__main__":
     parser.add_argument("--max_duration", type=float, default=None,
                         help="seconds; longer utterances are skipped (all --splits; the recipes "
                              "then prepare again)")
+    parser.add_argument("--prepare_workers", "--workers", type=int, default=1,
+                        help="processes decoding the audio to FLAC (default: 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="rewrite existing CSVs (written FLAC files are still reused)")
     args = parser.parse_args()
     csvs = prepare_coral(args.data_folder, args.save_folder, language=args.language,
                          subset=args.coral_subset, splits=args.splits,
                          sample_rate=args.sample_rate, min_duration=args.min_duration,
-                         max_duration=args.max_duration, skip_existing=not args.overwrite)
+                         max_duration=args.max_duration, skip_existing=not args.overwrite,
+                         num_workers=args.prepare_workers)
     for split, path in csvs.items():
         print(f"{split}: {path}")

@@ -8,20 +8,19 @@ the model's rate (``"once"``); ``local/measure_audio_decoding.py`` measures what
 """
 
 import logging
-import multiprocessing
 import os
 import unicodedata
 from collections import Counter
 from pathlib import Path
 
 import soundfile as sf
-import torch
 
 from speechtune.data import load_audio, write_manifest
 from speechtune.prepare.files import (
     complete_flac,
     read_stamp,
     remove_stale_temps,
+    worker_pool,
     write_flac,
     write_stamp,
     write_tsv,
@@ -203,10 +202,8 @@ def _map(fn, jobs, num_workers):
     """``[fn(job)]``, in ``num_workers`` processes when more than one (each single-threaded)."""
     if num_workers <= 1 or len(jobs) < 2:
         return [fn(job) for job in jobs]
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     chunk = max(1, min(256, len(jobs) // (num_workers * 16)))
-    with context.Pool(num_workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with worker_pool(num_workers) as pool:
         return pool.map(fn, jobs, chunksize=chunk)
 
 

@@ -46,6 +46,7 @@ from speechtune.prepare.files import (
     complete_flac,
     read_stamp,
     remove_stale_temps,
+    worker_pool,
     write_flac,
     write_stamp,
     write_tsv,
@@ -247,31 +248,56 @@ def _audio_dir(save_folder, split, source, stamp):
     return audio_dir
 
 
-def _split_rows(shards, split, audio_dir, options):
-    """Manifest rows of one split, and the skipped rows ``[id, shard, row, reason]``."""
-    normalize = get_normalizer(options["language"])
-    rows, skipped, first_seen, absent = [], [], {}, set()
-    for shard in shards:
-        columns = shard_columns(shard)
-        absent.update(f for f in OPTIONAL if f not in columns)
-        batches = pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS,
-                                                     columns=list(dict.fromkeys(columns.values())))
-        for number, record in enumerate(r for batch in batches for r in batch.to_pylist()):
-            value = {field: record.get(column) for field, column in columns.items()}
-            utt_id, where = _safe_id(value["id"]), f"{shard.name} row {number}"
-            if not utt_id:
-                skipped.append([value["id"], shard.name, number, "empty id"])
-                continue
-            if utt_id in first_seen:
-                raise ValueError(
-                    f"CoRal {split}: id {utt_id!r} (from {value['id']!r}) appears twice: "
-                    f"{first_seen[utt_id]} and {where} (under {shard.parent}). Fix: remove the "
-                    "second copy of the shard or row; ids must be unique within a split.")
-            first_seen[utt_id] = where
-            try:
-                rows.append(_utterance(value, utt_id, audio_dir, normalize, options))
-            except _Skip as reason:
-                skipped.append([utt_id, shard.name, number, _SPACES.sub(" ", str(reason))])
+def _utterance_job(job):
+    """``(row, None)`` or ``(None, reason)`` for one ``(value, utt_id, audio_dir, options)``: the
+    unit of work a preparation worker process decodes and writes."""
+    value, utt_id, audio_dir, options = job
+    try:
+        return _utterance(value, utt_id, audio_dir, get_normalizer(options["language"]),
+                          options), None
+    except _Skip as reason:
+        return None, _SPACES.sub(" ", str(reason))
+
+
+def _split_rows(shards, split, audio_dir, options, num_workers=1):
+    """Manifest rows of one split, and the skipped rows ``[id, shard, row, reason]``. With
+    ``num_workers`` > 1 the rows are decoded in that many processes, a window of rows at a time
+    (memory stays a few batches of audio), in shard order."""
+    rows, skipped, first_seen, absent, window = [], [], {}, set(), []
+
+    def flush(pool):
+        jobs = [job for job, _ in window]
+        results = pool.map(_utterance_job, jobs) if pool else map(_utterance_job, jobs)
+        for (_, (utt_id, shard_name, number)), (row, reason) in zip(window, results,
+                                                                     strict=True):
+            if reason is None:
+                rows.append(row)
+            else:
+                skipped.append([utt_id, shard_name, number, reason])
+        window.clear()
+
+    with worker_pool(num_workers) as pool:
+        for shard in shards:
+            columns = shard_columns(shard)
+            absent.update(f for f in OPTIONAL if f not in columns)
+            batches = pq.ParquetFile(shard).iter_batches(
+                batch_size=BATCH_ROWS, columns=list(dict.fromkeys(columns.values())))
+            for number, record in enumerate(r for batch in batches for r in batch.to_pylist()):
+                value = {field: record.get(column) for field, column in columns.items()}
+                utt_id, where = _safe_id(value["id"]), f"{shard.name} row {number}"
+                if not utt_id:
+                    skipped.append([value["id"], shard.name, number, "empty id"])
+                    continue
+                if utt_id in first_seen:
+                    raise ValueError(
+                        f"CoRal {split}: id {utt_id!r} (from {value['id']!r}) appears twice: "
+                        f"{first_seen[utt_id]} and {where} (under {shard.parent}). Fix: remove "
+                        "the second copy of the shard or row; ids must be unique within a split.")
+                first_seen[utt_id] = where
+                window.append(((value, utt_id, audio_dir, options), (utt_id, shard.name, number)))
+                if len(window) >= BATCH_ROWS * max(1, num_workers):
+                    flush(pool)
+        flush(pool)
     if absent:
         logger.warning("CoRal %s: no %s column(s) in the shards; those fields are '%s'",
                        split, sorted(absent), UNKNOWN)
@@ -279,7 +305,8 @@ def _split_rows(shards, split, audio_dir, options):
 
 
 def prepare_coral(data_folder, save_folder, language="da", subset="read_aloud", splits=SPLITS,
-                  sample_rate=16000, min_duration=None, max_duration=None, skip_existing=True):
+                  sample_rate=16000, min_duration=None, max_duration=None, skip_existing=True,
+                  num_workers=1):
     """Decode CoRal's parquet shards to FLAC files and write one manifest per split.
 
     Parameters
@@ -306,6 +333,8 @@ def prepare_coral(data_folder, save_folder, language="da", subset="read_aloud", 
         sizes); else prepare it again. Complete FLACs at ``sample_rate`` decoded from the same
         shards are reused (an interrupted or moved preparation resumes); when the shards changed
         (another revision downloaded), ``audio/<split>/`` is emptied and decoded again.
+    num_workers : int
+        Processes decoding the audio and writing the FLACs (1: this process).
 
     Returns
     -------
@@ -348,7 +377,7 @@ def prepare_coral(data_folder, save_folder, language="da", subset="read_aloud", 
         if shards is None:
             find_shards(data_folder, subset, split)  # raises, naming the folder and the fix
         audio_dir = _audio_dir(save_folder, split, source, stamp)
-        rows, skipped = _split_rows(shards, split, audio_dir, options)
+        rows, skipped = _split_rows(shards, split, audio_dir, options, num_workers)
         report = save_folder / f"skipped_{split}.tsv"
         write_tsv(report, ["id", "shard", "row", "reason"], skipped)
         if skipped:
@@ -369,8 +398,10 @@ def prepare_coral_recipe(hparams):
     utterances outside its ``min_duration``/``max_duration`` itself, so the prepared folder
     (manifests and extracted audio) is the same for every recipe and run that points
     ``manifest_folder`` at it: the shards are decoded once. ``hparams``: ``data_folder`` (the
-    snapshot), ``manifest_folder``, ``language``, ``coral_subset`` and ``sample_rate``."""
+    snapshot), ``manifest_folder``, ``language``, ``coral_subset``, ``sample_rate`` and
+    ``prepare_workers``."""
     csvs = prepare_coral(hparams["data_folder"], hparams["manifest_folder"],
                          language=hparams["language"], subset=hparams["coral_subset"],
-                         sample_rate=hparams["sample_rate"])
+                         sample_rate=hparams["sample_rate"],
+                         num_workers=hparams["prepare_workers"])
     return Manifests(train=csvs["train"], valid=csvs["val"], tests={"test": csvs["test"]})

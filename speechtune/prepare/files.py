@@ -4,11 +4,27 @@ first and are renamed; a FLAC counts as done only if it reads to its last sample
 
 import csv
 import json
+import multiprocessing
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
+
+
+@contextmanager
+def worker_pool(num_workers):
+    """A pool of ``num_workers`` single-threaded processes (forked where the platform can), or
+    None for one worker: the caller then runs the jobs itself."""
+    if num_workers <= 1:
+        yield None
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with context.Pool(num_workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        yield pool
 
 
 def write_flac(path, signal, sample_rate):
