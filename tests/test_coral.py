@@ -201,6 +201,22 @@ def test_rerun_keeps_outputs_and_resumes(tmp_path, monkeypatch):
     assert kept and all(float(r["duration"]) <= 2.0 for r in kept) and len(kept) < 5
 
 
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_skips_and_rows_keep_shard_order_in_any_number_of_processes(tmp_path, workers):
+    """An empty id is skipped where it stands: the report lists the skips in shard order, the
+    manifest the rows, however many processes decode."""
+    audio = open(bundled(1)[0][0], "rb").read()
+    write_shard(tmp_path / "snap" / "read_aloud" / "train-00000-of-00001.parquet",
+                [record("a", "   ", audio), record("b", "hej", audio), record("", "hej", audio),
+                 record("c", "hej", False), record("d", "hej", audio)])
+    prepare_coral(tmp_path / "snap", tmp_path / "out", splits=["train"], num_workers=workers)
+    with open(tmp_path / "out" / "skipped_train.tsv", newline="", encoding="utf-8") as f:
+        report = [(r["id"], r["row"], r["reason"]) for r in csv.DictReader(f, delimiter="\t")]
+    assert report == [("a", "0", "empty transcript"), ("", "2", "empty id"),
+                      ("c", "3", "audio bytes missing")]
+    assert [r["ID"] for r in read_csv(tmp_path / "out" / "train.csv")] == ["b", "d"]
+
 def test_duplicate_id_is_an_error_naming_both_rows(tmp_path):
     make_coral(tmp_path / "snapshot")
     p0 = bundled(1)[0][0]

@@ -266,10 +266,10 @@ def _split_rows(shards, split, audio_dir, options, num_workers=1):
     rows, skipped, first_seen, absent, window = [], [], {}, set(), []
 
     def flush(pool):
-        jobs = [job for job, _ in window]
-        results = pool.map(_utterance_job, jobs) if pool else map(_utterance_job, jobs)
-        for (_, (utt_id, shard_name, number)), (row, reason) in zip(window, results,
-                                                                     strict=True):
+        jobs = [job for job, _ in window if job is not None]
+        results = iter(pool.map(_utterance_job, jobs) if pool else map(_utterance_job, jobs))
+        for job, (utt_id, shard_name, number) in window:  # in shard order, skips included
+            row, reason = next(results) if job is not None else (None, "empty id")
             if reason is None:
                 rows.append(row)
             else:
@@ -286,7 +286,7 @@ def _split_rows(shards, split, audio_dir, options, num_workers=1):
                 value = {field: record.get(column) for field, column in columns.items()}
                 utt_id, where = _safe_id(value["id"]), f"{shard.name} row {number}"
                 if not utt_id:
-                    skipped.append([value["id"], shard.name, number, "empty id"])
+                    window.append((None, (value["id"], shard.name, number)))
                     continue
                 if utt_id in first_seen:
                     raise ValueError(
