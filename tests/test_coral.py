@@ -17,7 +17,8 @@ import torchaudio
 from conftest import REPO, SYNTHETIC, coral_schema, write_parquet
 
 from speechtune.prepare import coral
-from speechtune.prepare.coral import COLUMNS, age_group, dialect_group, prepare_coral
+from speechtune.prepare.coral import COLUMNS, prepare_coral
+from speechtune.prepare.coral_groups import age_group, dialect_group
 from speechtune.recipe import Manifests
 
 DA = SYNTHETIC / "da"

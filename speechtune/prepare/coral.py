@@ -36,12 +36,19 @@ import io
 import logging
 import re
 import shutil
-import unicodedata
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from speechtune.data import load_audio, write_manifest
+from speechtune.prepare.coral_groups import (
+    UNKNOWN,
+    age_group,
+    clean_text,
+    dialect_group,
+    gender_label,
+    label,
+)
 from speechtune.prepare.files import (
     complete_flac,
     read_stamp,
@@ -60,34 +67,12 @@ SUBSETS = ("read_aloud", "conversation")
 SPLITS = ("train", "val", "test")
 GROUPS = ["dialect", "gender", "age_group"]
 COLUMNS = ["ID", "duration", "wav", "spk_id", "wrd", *GROUPS]
-UNKNOWN = "unknown"
 # input field -> accepted column names (first present wins); OPTIONAL ones missing -> unknown
 FIELDS = {"id": ("id_recording", "id_segment", "id_conversation", "id"), "text": ("text",),
           "audio": ("audio",)}
 OPTIONAL = {"speaker": ("id_speaker", "speaker_id"), "age": ("age",), "gender": ("gender",),
             "dialect": ("dialect",), "country_birth": ("country_birth",),
             "validated": ("validated",)}
-AGE_GROUPS = ((0, 25, "0-24"), (25, 50, "25-49"), (50, None, "50+"))
-NON_NATIVE = "Non-native"
-# CoRal's sub_dialect_to_dialect (config/evaluation.yaml), grouped by dialect
-DIALECTS = {
-    "Bornholmsk": ("bornholmsk",),
-    "Fynsk": ("fynsk", "sydfynsk", "vestfynsk (nordvest-, sydvestfynsk)", "langelandsk"),
-    "Københavnsk": ("amagermål",),
-    "Nordjysk": ("nørrejysk", "vendsysselsk (m. hanherred og læsø)", "himmerlandsk"),
-    "Sjællandsk": ("sjællandsk", "nordsjællandsk", "nordvestsjællandsk", "østsjællandsk",
-                   "sydsjællandsk (sydligt sydsjællandsk)", "sydvestsjællandsk"),
-    "Sydømål": ("sydømål", "nordfalstersk", "sydfalstersk", "lollandsk"),
-    "Sønderjysk": ("sønderjysk", "østligt sønderjysk (m. als)",
-                   "vestlig sønderjysk (m. mandø og rømø)",
-                   "syd for rigsgrænsen: mellemslesvisk, angelmål, fjoldemål"),
-    "Vestjysk": ("vestjysk", "thybomål", "morsingmål", "sydvestjysk (m. fanø)", "sallingmål",
-                 "fjandbomål"),
-    "Østjysk": ("østjysk", "midtøstjysk", "sydøstjysk", "ommersysselsk",
-                "djurslandsk (nord-, syddjurs m. nord- og sydsamsø, anholt)"),
-}
-SUB_DIALECT = {sub: group for group, subs in DIALECTS.items()
-               for sub in (*subs, group.lower())}
 DOWNLOAD = ("huggingface-cli download alexandrainst/coral --repo-type dataset "
             "--local-dir {folder}")
 BATCH_ROWS = 32  # rows decoded at a time: a shard holds ~500 MB of audio, a batch a few MB
@@ -97,47 +82,6 @@ _SPACES = re.compile(r"\s+")
 
 class _Skip(Exception):
     """A row that cannot be used; the message is the reason written to the skip report."""
-
-
-def clean_text(text):
-    """The transcript as written: NFC, whitespace collapsed (letters and case untouched)."""
-    return _SPACES.sub(" ", unicodedata.normalize("NFC", text or "")).strip()
-
-
-def _label(value):
-    """A metadata value as a group label: NFC, trimmed, whitespace collapsed; empty -> None."""
-    return None if value is None else clean_text(str(value)) or None
-
-
-def age_group(age):
-    """``0-24``, ``25-49`` or ``50+`` for an age given as int or string; else ``unknown``."""
-    try:
-        years = int(float(str(age).strip()))
-    except (ValueError, OverflowError):
-        return UNKNOWN
-    return next((name for low, high, name in AGE_GROUPS
-                 if low <= years < (high or 130)), UNKNOWN)
-
-
-def dialect_group(dialect, country_birth):
-    """CoRal's dialect group: ``Non-native`` if born outside DK, else the mapped sub-dialect
-    (an unmapped value is kept as written, a missing one is ``unknown``)."""
-    country = _label(country_birth)
-    if country is not None and country.upper() != "DK":
-        return NON_NATIVE
-    value = _label(dialect)
-    if value is None:
-        return UNKNOWN
-    return SUB_DIALECT.get(value.lower(), value)
-
-
-def gender_label(gender):
-    """``female``, ``male``, ``nonbinary`` (either spelling) or the value as written."""
-    value = _label(gender)
-    if value is None:
-        return UNKNOWN
-    value = value.lower()
-    return "nonbinary" if value in ("non-binary", "non binary") else value
 
 
 def find_shards(data_folder, subset, split):
@@ -201,7 +145,7 @@ def _decode(audio, sample_rate):
 
 def _utterance(value, utt_id, audio_dir, normalize, options):
     """One manifest row from one record's ``{field: value}``; raise ``_Skip`` with the reason."""
-    if _label(value.get("validated")) == "rejected":
+    if label(value.get("validated")) == "rejected":
         raise _Skip("validated: rejected")
     text = clean_text(value["text"])
     if not text:
@@ -222,7 +166,7 @@ def _utterance(value, utt_id, audio_dir, normalize, options):
     if signal is not None:
         write_flac(path, signal, rate)
     return {"ID": utt_id, "duration": f"{seconds:.3f}", "wav": str(path.resolve()),
-            "spk_id": _label(value.get("speaker")) or UNKNOWN, "wrd": text,
+            "spk_id": label(value.get("speaker")) or UNKNOWN, "wrd": text,
             "dialect": dialect_group(value.get("dialect"), value.get("country_birth")),
             "gender": gender_label(value.get("gender")), "age_group": age_group(value.get("age"))}
 
