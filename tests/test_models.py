@@ -52,7 +52,6 @@ def test_ensure_tiny_encoder(tmp_path):
     assert json.loads((tmp_path / "t" / "config.json").read_text())["hidden_size"] == 48
 
 
-
 def test_every_process_enters_the_collective_whatever_it_finds_on_disk(tmp_path, monkeypatch):
     """Under DDP a slower process can find the model the main process has just built. It must
     still enter ``run_on_main`` (a barrier): one that skipped it waited in the next collective
@@ -71,6 +70,7 @@ def test_every_process_enters_the_collective_whatever_it_finds_on_disk(tmp_path,
     assert len(entered) == 2
     ensure_tiny_encoder("microsoft/wavlm-large", False, MICRO_ENCODER, tmp_path)
     assert len(entered) == 2  # no tiny model: no collective on any process
+
 
 def test_encoder_features_do_not_depend_on_the_batch(micro_encoder_dir, tmp_path):
     """Each utterance is normalised over its own samples (as transformers' feature extractor
