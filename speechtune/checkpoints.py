@@ -26,7 +26,7 @@ from speechbrain.utils.checkpoints import (
     mark_as_saver,
     register_checkpoint_hooks,
 )
-from speechbrain.utils.distributed import ddp_barrier, if_main_process
+from speechbrain.utils.distributed import ddp_barrier, get_rank, if_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class RNGState:
     def rank_path(path):
         """This process's file: ``path`` itself on the main process."""
         path = Path(path)
-        rank = int(os.environ.get("RANK", 0))
+        rank = get_rank() or 0
         return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
     @mark_as_saver
