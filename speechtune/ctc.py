@@ -22,7 +22,7 @@ from pathlib import Path
 import speechbrain as sb
 import torch
 from speechbrain.dataio.encoder import CTCTextEncoder
-from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.distributed import ddp_broadcast, run_on_main
 
 from speechtune import data
 from speechtune.brain import FineTuneBrain
@@ -116,8 +116,12 @@ class CTCFamily:
             kwargs = {"train_texts": [r["words"] for r in train_rows.values()], "path": path}
             run_on_main(data.build_char_vocab, kwargs=kwargs)
             self.tokenizer = data.build_char_vocab(**kwargs)  # loads what the main process saved
-        elif path.exists() and self.hparams["checkpointer"].find_checkpoint() is not None:
-            self.tokenizer = CTCTextEncoder.from_saved(path)  # resumed: the head is checkpointed
+        # resumed (the head is checkpointed)? The main process's view decides: it writes the
+        # file below, and a process that looked after that would skip the run_on_main barrier
+        # the main process waits in (the hang seen with the tiny models)
+        elif ddp_broadcast(path.exists() and
+                           self.hparams["checkpointer"].find_checkpoint() is not None):
+            self.tokenizer = CTCTextEncoder.from_saved(path)
         else:
             labels, blank, delimiter, unk, head = self.hparams["encoder"].pretrained_ctc()
             if blank != self.hparams["blank_index"]:
