@@ -12,11 +12,19 @@ Splits are sentence-disjoint: a sentence (possibly read by several voices) lives
 Everything is drawn from ``random.Random(seed)``, so a re-run with the same seed and the same
 espeak-ng/sox versions rewrites the same files.
 
+``en_heldout`` is a held-out English test set for scoring how much a fine-tune forgets of
+general English: a fixed list of everyday sentences that no bundled split holds, read by
+espeak-ng voice+variant combinations that the bundled corpus does not use, written as
+``<out>/en_heldout/test.csv`` and ``<out>/en_heldout/wav/``. It draws from its own
+``random.Random`` (seeded with the same ``--seed``), so the en/da draws are untouched; the
+script refuses to write it if a sentence or a voice collides with the bundled corpus.
+
 Needs Debian's ``espeak-ng`` and ``sox`` (``apt-get install -y espeak-ng sox``).
 
 Usage::
 
     python local/make_synthetic_corpus.py --out recipes/Synthetic/data
+    python local/make_synthetic_corpus.py --out recipes/Synthetic/data --languages en_heldout
 """
 
 import argparse
@@ -180,6 +188,48 @@ DA_VOICES = [
     ("da+m4", "male"), ("da+f1", "female"),
 ]
 
+# ---------------------------------------------------------------- held-out English test set
+# Plain everyday sentences in none of the bundled splits (and not of the grammar's shapes), short
+# enough to stay under ~3.6 s at the slowest speed.
+EN_HELDOUT_SENTENCES = [
+    "can you tell me what time it is", "i usually walk to work when it's sunny",
+    "the printer upstairs is broken again", "we should leave before the traffic gets bad",
+    "have you ever tried cooking thai food", "my grandmother knits socks for everyone",
+    "the dentist says i need to floss more", "if it snows tomorrow the schools will close",
+    "he forgot his password for the third time", "these shoes are comfortable but expensive",
+    "let's order pizza and watch a movie", "the airport is forty minutes from here",
+    "she's learning to play the violin", "why is the microwave making that noise",
+    "i'll call you as soon as i get home", "the elevator smells like fresh paint",
+    "our flight was delayed by two hours", "could we move the meeting to thursday",
+    "the toaster burns every slice of bread", "my laptop battery only lasts three hours",
+    "they're going to paint the hallway blue", "whose jacket is hanging behind the door",
+    "the pharmacy sells vitamins and cough drops", "i haven't seen that film since i was twelve",
+    "you can pay with cash or by card", "the neighbours are having a barbecue on friday",
+    "nobody knows where the remote control went", "please send me the photos from the wedding",
+    "the plumber will come between one and four", "my sister just adopted a grey kitten",
+    "how much does a ticket to london cost", "the tomatoes in our backyard are ripe",
+    "i prefer tea in the morning", "the museum is free on the first monday",
+    "he's been working from home since march", "turn off the oven when the timer rings",
+    "we ran out of toothpaste again", "the new bridge will open next spring",
+    "would you rather go hiking or swimming", "my uncle repairs old bicycles in his garage",
+    "the hotel room had a view of the mountains", "i think the milk has gone sour",
+    "she always sings while she does the dishes", "the parking lot is full on weekends",
+    "did anyone water the plants while i was away", "the salad needs a little more pepper",
+    "a strong wind knocked over our recycling bin", "i'm saving money for a trip to japan",
+    "the receptionist asked me to wait outside", "we'll need a bigger table for the party",
+    "his handwriting is almost impossible to read", "the kettle takes ages to boil",
+    "they moved to a flat near the university", "my headphones stopped working today",
+    "the bakery on the corner opens at seven", "remember to lock the back door tonight",
+    "the washing machine leaked all over the floor", "we're expecting thirty guests on sunday",
+    "i'd like to return this sweater please", "the football match was cancelled because of rain",
+]
+# voice+variant combinations that neither bundled language uses; each reads an equal share
+EN_HELDOUT_VOICES = [
+    ("en-us-nyc+m5", "male"), ("en-gb-x-gbclan+f5", "female"), ("en-gb-x-gbcwmd+m6", "male"),
+    ("en-gb-x-rp+f4", "female"), ("en-029+m7", "male"), ("en-gb-scotland+f2", "female"),
+]
+HELDOUT = "en_heldout"
+
 LANGS = {
     # lang: (generator, fixed sentences, voices, sentences per split, readings per sentence)
     "en": (english_sentences, EN_FIXED, EN_VOICES, {"train": 370, "valid": 60, "test": 60},
@@ -272,21 +322,110 @@ def make_language(lang, out_root, seed, limit=None):
     return counts
 
 
+def bundled_sentences_and_voices(seed, out_root):
+    """Every sentence and voice of the bundled en/da corpus: the ones the grammar draws for
+    ``seed`` (all splits, whatever ``--limit``) and those in any manifest already under
+    ``out_root``."""
+    sentences, voices = set(), set()
+    for lang, (gen_fn, fixed, lang_voices, n_sent, _) in LANGS.items():
+        rng = random.Random(f"{seed}-{lang}")
+        sentences.update(unique_sentences(gen_fn(rng), fixed, sum(n_sent.values()), rng))
+        sentences.update(fixed)
+        voices.update(v for v, _ in lang_voices)
+        for manifest in sorted((out_root / lang).glob("*.csv")):
+            with open(manifest, newline="", encoding="utf-8") as f:
+                for row in csv.DictReader(f):
+                    sentences.add(row["wrd"])
+                    voices.add(row["voice"])
+    return sentences, voices
+
+
+def check_heldout(seed, out_root, sentences=None, voices=None):
+    """Raise ``ValueError`` unless the held-out sentences and voices are unique and share nothing
+    with the bundled corpus."""
+    sentences = EN_HELDOUT_SENTENCES if sentences is None else sentences
+    voices = [v for v, _ in EN_HELDOUT_VOICES] if voices is None else voices
+    problems = []
+    for kind, items in (("sentence", sentences), ("voice", voices)):
+        dupes = sorted({x for x in items if items.count(x) > 1})
+        if dupes:
+            problems.append(f"held-out {kind}(s) listed twice: {dupes}")
+    bundled_sentences, bundled_voices = bundled_sentences_and_voices(seed, out_root)
+    clash = sorted(set(sentences) & bundled_sentences)
+    if clash:
+        problems.append(f"held-out sentence(s) also in the bundled corpus: {clash}")
+    clash = sorted(set(voices) & bundled_voices)
+    if clash:
+        problems.append(f"held-out voice(s) also in the bundled corpus: {clash}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def make_heldout(out_root, seed, limit=None):
+    """Write the held-out English test set; return its number of utterances.
+
+    One reading per sentence, each voice an equal share. All draws come from the set's own
+    ``random.Random`` and happen before any audio is made, so ``limit`` (first sentences only)
+    writes files identical to a full run's.
+    """
+    check_heldout(seed, out_root)
+    rng = random.Random(f"{seed}-{HELDOUT}")
+    n = len(EN_HELDOUT_SENTENCES)
+    assigned = [EN_HELDOUT_VOICES[i % len(EN_HELDOUT_VOICES)] for i in range(n)]
+    rng.shuffle(assigned)
+    plan = [(sentence, voice, gender, rng.randint(*SPEED_WPM), rng.randint(*PITCH))
+            for sentence, (voice, gender) in zip(EN_HELDOUT_SENTENCES, assigned, strict=True)]
+    out_dir = out_root / HELDOUT
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    (out_dir / "wav").mkdir(parents=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (sentence, voice, gender, speed, pitch) in enumerate(plan[:limit or n]):
+            utt_id = f"{HELDOUT}_{i:04d}"
+            path = out_dir / "wav" / f"{utt_id}.flac"
+            synthesize(sentence, voice, speed, pitch, path, tmp)
+            duration = sf.info(str(path)).duration
+            rows.append({
+                "ID": utt_id, "duration": f"{duration:.3f}",
+                "wav": f"$data_root/{HELDOUT}/wav/{utt_id}.flac", "spk_id": voice,
+                "wrd": sentence, "voice": voice, "gender": gender,
+            })
+    with open(out_dir / "test.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("recipes/Synthetic/data"))
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--languages", nargs="+", default=list(LANGS), choices=list(LANGS))
+    parser.add_argument("--languages", nargs="+", default=[*LANGS, HELDOUT],
+                        choices=[*LANGS, HELDOUT],
+                        help=f"what to (re)write; {HELDOUT} is the held-out English test set")
     parser.add_argument("--limit", type=int, default=None,
                         help="at most this many sentences per split (quick checks)")
     args = parser.parse_args(argv)
     for tool in ("espeak-ng", "sox"):
         if shutil.which(tool) is None:
             sys.exit(f"error: `{tool}` not found. Install it: apt-get install -y espeak-ng sox")
+    if HELDOUT in args.languages:
+        try:
+            check_heldout(args.seed, args.out)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     for lang in args.languages:
+        if lang == HELDOUT:
+            continue
         counts = make_language(lang, args.out, args.seed, args.limit)
         size = sum(p.stat().st_size for p in (args.out / lang / "wav").iterdir())
         print(f"{lang}: {counts} utterances, {size / 1e6:.1f} MB of FLAC")
+    if HELDOUT in args.languages:
+        count = make_heldout(args.out, args.seed, args.limit)
+        size = sum(p.stat().st_size for p in (args.out / HELDOUT / "wav").iterdir())
+        print(f"{HELDOUT}: {count} utterances, {size / 1e6:.2f} MB of FLAC")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ from conftest import REPO, SYNTHETIC
 
 from speechtune.data import REQUIRED_COLUMNS, read_manifest
 
+BUNDLED = {"en": ("train", "valid", "test"), "da": ("train", "valid", "test")}
+HELDOUT = "en_heldout"
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None or shutil.which("sox") is None,
+    reason="needs Debian's espeak-ng and sox (apt-get install -y espeak-ng sox)")
+
 
 def manifest(lang, split):
     with open(SYNTHETIC / lang / f"{split}.csv", newline="", encoding="utf-8") as f:
@@ -52,8 +58,34 @@ def test_audio_is_16k_mono_flac_matching_the_manifest_and_small():
     assert total <= 12e6
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None,
-                    reason="needs Debian's espeak-ng and sox (apt-get install -y espeak-ng sox)")
+def test_heldout_voices_and_sentences_are_disjoint_from_the_bundled_corpus():
+    rows = manifest(HELDOUT, "test")
+    assert len(rows) >= 50
+    assert set(REQUIRED_COLUMNS) | {"voice", "gender"} <= set(rows[0])
+    assert {r["gender"] for r in rows} == {"female", "male"}
+    voices = {r["voice"] for r in rows}
+    assert len(voices) >= 6
+    for split in BUNDLED["en"]:
+        assert not voices & {r["voice"] for r in manifest("en", split)}, split
+    sentences = [r["wrd"] for r in rows]
+    assert len(set(sentences)) == len(sentences)
+    bundled = {r["wrd"] for lang, splits in BUNDLED.items() for s in splits
+               for r in manifest(lang, s)}
+    assert not set(sentences) & bundled
+    assert all(r["ID"].startswith(f"{HELDOUT}_") and
+               r["wav"] == f"$data_root/{HELDOUT}/wav/{r['ID']}.flac" for r in rows)
+
+
+def test_heldout_audio_exists_matches_the_manifest_and_fits_the_encoder_window():
+    for row in manifest(HELDOUT, "test"):
+        path = row["wav"].replace("$data_root", str(SYNTHETIC))
+        info = sf.info(path)
+        assert (info.samplerate, info.channels, info.format) == (16000, 1, "FLAC")
+        assert abs(info.frames / 16000 - float(row["duration"])) < 0.05, row["ID"]
+        assert float(row["duration"]) <= 7.5, row["ID"]
+
+
+@needs_espeak
 def test_generator_reproduces_the_committed_audio(tmp_path):
     """Re-running the generator (first 5 sentences per split) rewrites identical files."""
     subprocess.run([sys.executable, str(REPO / "local" / "make_synthetic_corpus.py"),
@@ -66,6 +98,33 @@ def test_generator_reproduces_the_committed_audio(tmp_path):
         name = new_row["wav"].split("/")[-1]
         assert (tmp_path / "da" / "wav" / name).read_bytes() == (
             SYNTHETIC / "da" / "wav" / name).read_bytes()
+
+
+@needs_espeak
+def test_generator_reproduces_the_committed_heldout_set(tmp_path):
+    """Re-running the generator for the held-out set (first 5 sentences) rewrites identical
+    files, and it refuses a held-out sentence or voice that the bundled corpus holds."""
+    script = str(REPO / "local" / "make_synthetic_corpus.py")
+    subprocess.run([sys.executable, script, "--out", str(tmp_path), "--languages", HELDOUT,
+                    "--limit", "5"], check=True)
+    new = list(csv.DictReader(open(tmp_path / HELDOUT / "test.csv", encoding="utf-8")))
+    assert len(new) == 5
+    for old_row, new_row in zip(manifest(HELDOUT, "test"), new, strict=False):
+        assert old_row == new_row
+        name = new_row["wav"].split("/")[-1]
+        assert (tmp_path / HELDOUT / "wav" / name).read_bytes() == (
+            SYNTHETIC / HELDOUT / "wav" / name).read_bytes()
+    sys.path.insert(0, str(REPO / "local"))
+    try:
+        import make_synthetic_corpus as gen
+    finally:
+        sys.path.remove(str(REPO / "local"))
+    gen.check_heldout(1234, SYNTHETIC)
+    bundled = manifest("en", "test")[0]
+    with pytest.raises(ValueError, match="sentence.*also in the bundled corpus"):
+        gen.check_heldout(1234, tmp_path, sentences=[bundled["wrd"]], voices=["en-us-nyc+m5"])
+    with pytest.raises(ValueError, match="voice.*also in the bundled corpus"):
+        gen.check_heldout(1234, tmp_path, sentences=["a new line"], voices=[bundled["voice"]])
 
 
 def test_manifest_reader_expands_data_root_in_wav_only(tmp_path):
