@@ -45,6 +45,8 @@ class FineTuneBrain(sb.Brain):
     averaged_from = None  # names of the checkpoints whose average the modules hold (testing)
     groups = None  # {split: {utterance id: {group column: value}}} for per-group test metrics
     valid_loader = None
+    zero_shot = False  # True while ``evaluate(..., zero_shot=True)`` runs
+    split_languages = {}  # {split: language}, set by the recipe runner
     #: the optimizer group that trains the encoder, skipped while it is frozen (None: the
     #: family has one optimizer; a frozen encoder then simply has no gradients)
     encoder_group = "encoder"
@@ -237,11 +239,13 @@ class FineTuneBrain(sb.Brain):
             self._end_valid(stage_loss, end_of_epoch=True)
         else:
             stats = self._error_stats(stage_loss)
-            meta = {"Epoch loaded": self.hparams.epoch_counter.current, "split": self.test_split}
-            if self.averaged_from:
+            meta = {"Epoch loaded": self.hparams.epoch_counter.current, "split": self.test_name}
+            if self.zero_shot:
+                meta = {"split": self.test_name, "weights": "as loaded, before training"}
+            elif self.averaged_from:
                 meta["averaged"] = " + ".join(self.averaged_from)
             self.hparams.train_logger.log_stats(stats_meta=meta, test_stats=stats)
-            path = f"{self.hparams.output_folder}/wer_{self.test_split}.txt"
+            path = f"{self.hparams.output_folder}/wer_{self.test_name}.txt"
             if sb.utils.distributed.if_main_process():  # under DDP every process tested it all
                 with open(path, "w", encoding="utf-8") as f:
                     self.wer_metric.write_stats(f)
@@ -249,7 +253,7 @@ class FineTuneBrain(sb.Brain):
             if self.groups and self.groups.get(self.test_split) and \
                     sb.utils.distributed.if_main_process():
                 self._write_group_report()
-            logger.info("%s WER %.2f%%  CER %.2f%%  (alignments: %s)", self.test_split,
+            logger.info("%s WER %.2f%%  CER %.2f%%  (alignments: %s)", self.test_name,
                         stats["WER"], stats["CER"], path)
 
     def _write_group_report(self):
@@ -258,8 +262,8 @@ class FineTuneBrain(sb.Brain):
         resamples = int(self.hparams.group_bootstrap_resamples)
         rows = group_rows(self.wer_metric.scores, self.cer_metric.scores,
                           self.groups[self.test_split], resamples, self.hparams.seed)
-        stem = f"{self.hparams.output_folder}/wer_{self.test_split}_groups"
-        text = write_group_report(rows, self.test_split, resamples, f"{stem}.md", f"{stem}.csv")
+        stem = f"{self.hparams.output_folder}/wer_{self.test_name}_groups"
+        text = write_group_report(rows, self.test_name, resamples, f"{stem}.md", f"{stem}.csv")
         logger.info("per-group results (%s.md):\n%s", stem, text)
 
     def _error_stats(self, loss):
@@ -308,7 +312,10 @@ class FineTuneBrain(sb.Brain):
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Load the best checkpoint by ``min_key`` (WER); with ``average_best: N`` > 1, then
         replace every module's weights by their average over the N best (SpeechBrain's
-        ``average_checkpoints``); the rest (counters, schedulers) stays the best one's."""
+        ``average_checkpoints``); the rest (counters, schedulers) stays the best one's. A
+        zero-shot test loads nothing: it scores the weights as loaded."""
+        if self.zero_shot:
+            return
         n = int(self.hparams.average_best)
         if n <= 1:
             self.averaged_from = None
@@ -328,9 +335,16 @@ class FineTuneBrain(sb.Brain):
         logger.info("testing the average of the %d best checkpoints by %s: %s", n, min_key,
                     ", ".join(self.averaged_from))
 
-    def evaluate(self, test_set, split="test", **kwargs):
-        """``Brain.evaluate`` on the best-WER checkpoint; alignments go to ``wer_<split>.txt``."""
-        self.test_split = split
+    def evaluate(self, test_set, split="test", zero_shot=False, **kwargs):
+        """``Brain.evaluate`` on the best-WER checkpoint; alignments go to ``wer_<split>.txt``.
+
+        ``zero_shot``: score the modules as they are (the pretrained weights, before ``fit``
+        recovers or trains anything); alignments go to ``wer_<split>_zero_shot.txt``."""
+        self.test_split, self.zero_shot = split, zero_shot
+        self.test_name = f"{split}_zero_shot" if zero_shot else split
         kwargs.setdefault("min_key", "WER")
-        super().evaluate(test_set, **kwargs)
+        try:
+            super().evaluate(test_set, **kwargs)
+        finally:
+            self.zero_shot = False
         return self.test_stats

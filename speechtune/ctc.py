@@ -1,4 +1,5 @@
-"""CTC family: one Brain for every SSL encoder (WavLM, wav2vec2, HuBERT) + linear CTC head.
+"""CTC family: one Brain for every encoder (WavLM, wav2vec2, HuBERT; Whisper's encoder alone,
+``speechtune.whisper_models``) + linear CTC head.
 
 The shared loop (optimizers, LR schedules, freezing, validation, checkpoints) is
 ``speechtune.brain.FineTuneBrain``; this module adds the CTC forward/loss and the family's recipe
@@ -27,7 +28,7 @@ from speechbrain.utils.distributed import ddp_broadcast, run_on_main
 from speechtune import data
 from speechtune.brain import FineTuneBrain
 from speechtune.lm import GreedyDecoder, build_test_decoder, check_decoding
-from speechtune.preflight import ctc_label_check, speed_length_factors
+from speechtune.preflight import ctc_label_check, seq2seq_label_check, speed_length_factors
 from speechtune.text import get_normalizer
 
 
@@ -93,7 +94,6 @@ class CTCFamily:
 
     def __init__(self, hparams):
         self.hparams = hparams
-        self.normalize = get_normalizer(hparams["language"])
         self.tokenizer = None
         self.pretrained_head = None  # the source model's CTC head (vocabulary: pretrained)
         if hparams["vocabulary"] not in ("new", "pretrained"):
@@ -101,12 +101,14 @@ class CTCFamily:
         if hparams["target_case"] not in ("lower", "upper"):
             raise ValueError(f"target_case={hparams['target_case']!r}: use lower or upper")
 
-    def set_texts(self, rows):
-        """Targets and references are the same normalised transcript, in ``target_case``."""
+    def set_texts(self, rows, languages):
+        """Targets and references are the same transcript, normalised for the split's language
+        (``languages``), in ``target_case``."""
         case = str.upper if self.hparams["target_case"] == "upper" else str.lower
-        for split_rows in rows.values():
+        for split, split_rows in rows.items():
+            normalize = get_normalizer(languages[split])
             for row in split_rows.values():
-                row["words"] = row["target"] = case(self.normalize(row["wrd"]))
+                row["words"] = row["target"] = case(normalize(row["wrd"]))
 
     def build_tokenizer(self, train_rows):
         """The character vocabulary (``vocabulary``: built from the normalised training text, or
@@ -137,11 +139,20 @@ class CTCFamily:
 
     def label_check(self):
         """More labels than frames at the fastest speed perturbation (SpeechBrain's speed 105
-        shortens audio to 100/105 of its length: the largest speed shortens most)."""
+        shortens audio to 100/105 of its length: the largest speed shortens most). An encoder
+        with a fixed input window (``window_seconds``: Whisper's) also needs the audio inside
+        it, at the slowest speed, as the Whisper family checks (no decoder: no token limit)."""
         hp, encoder = self.hparams, self.hparams["encoder"]
-        shrink = 1.0 if hp["augmenter"] is None else speed_length_factors(hp["speeds"])[0]
+        shrink, stretch = (1.0, 1.0) if hp["augmenter"] is None else \
+            speed_length_factors(hp["speeds"])
         rate = hp["sample_rate"]
-        return ctc_label_check(lambda s: encoder.output_frames(int(s * rate)), shrink)
+        labels = ctc_label_check(lambda s: encoder.output_frames(int(s * rate)), shrink)
+        window = getattr(encoder, "window_seconds", None)
+        if window is None:  # SSL encoders take any length
+            return labels
+        fits = seq2seq_label_check(window, float("inf"), len, stretch,
+                                   encoder.model_window_seconds)
+        return lambda split, row, text: fits(split, row, text) or labels(split, row, text)
 
     def configure(self, brain):
         """Give the Brain the vocabulary and its validation decoder (greedy: cheap); check the
@@ -152,9 +163,10 @@ class CTCFamily:
 
     def inference_settings(self):
         """What an exported model needs besides its weights (``tools/checkpoints.py export``)."""
-        hp = self.hparams
+        hp, encoder = self.hparams, type(self.hparams["encoder"])
         return {"language": hp["language"], "sample_rate": hp["sample_rate"],
-                "blank_index": hp["blank_index"], "decoding": hp["decoding"]}
+                "blank_index": hp["blank_index"], "decoding": hp["decoding"],
+                "encoder": f"{encoder.__module__}.{encoder.__qualname__}"}
 
     def save_model_files(self, folder):
         """The encoder's HF config and feature extractor (the vocabulary is label_encoder.txt)."""
@@ -179,6 +191,7 @@ class CTCFamily:
         """The encoder and a linear head sized to the vocabulary: new, or the pretrained CTC
         head's weights (``vocabulary: pretrained``; a resumed run then loads its checkpoint)."""
         encoder = self.hparams["encoder"]
+        # the feature size: WavLM's hidden_size; transformers' WhisperConfig maps it to d_model
         head = self.hparams["head"](input_size=encoder.model.config.hidden_size,
                                     n_neurons=len(self.tokenizer.lab2ind))
         if self.pretrained_head is not None:

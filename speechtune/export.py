@@ -6,7 +6,9 @@ The folder holds, side by side:
   wav2vec2, HuBERT; the CTC head as ``lm_head``) or of ``WhisperForConditionalGeneration``, with
   its processor (feature extractor + tokenizer; for CTC a ``Wav2Vec2CTCTokenizer`` whose ``<pad>``
   is the CTC blank and ``|`` the space) and, for Whisper, a generation config that writes the
-  run's language and task;
+  run's language and task. CTC on Whisper's encoder has no transformers class: its folder holds
+  the encoder alone (``encoder.*``, ``speechtune.whisper_models``) for SpeechBrain, and its
+  card says that transformers does not load it;
 - SpeechBrain files: ``hyperparams.yaml`` for ``speechbrain.inference.ASR.EncoderASR`` (CTC:
   encoder + ``head.ckpt`` + ``tokenizer.ckpt``, greedy decoding) or ``WhisperASR`` (the run's
   test beam search). The encoder wrappers are speechtune's (per-utterance normalisation, the
@@ -35,6 +37,7 @@ import torch
 from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.utils.checkpoints import Checkpointer, average_checkpoints
 
+from speechtune.model_card import model_card
 from speechtune.models import whisper_special_tokens
 
 SB_BLANK, HF_BLANK, HF_SPACE = "<blank>", "<pad>", "|"
@@ -102,7 +105,9 @@ def ctc_vocabulary(label_encoder_file, blank_index):
 
 
 def export_ctc(save, ckpts, info, out):
-    """transformers ``*ForCTC`` + processor, and SpeechBrain ``EncoderASR`` files, in ``out``."""
+    """SpeechBrain ``EncoderASR`` files in ``out``, and transformers ``*ForCTC`` + processor
+    where transformers has a CTC class for the encoder (WavLM, wav2vec2, HuBERT; not Whisper's
+    encoder, whose export is SpeechBrain's only: ``None`` is returned for its class)."""
     from transformers import (
         AutoConfig,
         AutoModelForCTC,
@@ -110,27 +115,32 @@ def export_ctc(save, ckpts, info, out):
         Wav2Vec2FeatureExtractor,
         Wav2Vec2Processor,
     )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CTC_MAPPING
 
     encoder_state, head_state = load_state(ckpts, "encoder"), load_state(ckpts, "head")
     sb_tokenizer, vocab = ctc_vocabulary(save / "label_encoder.txt", info["blank_index"])
     config = AutoConfig.from_pretrained(save / "model_files")
-    config.update({"vocab_size": len(vocab), "pad_token_id": info["blank_index"],
-                   "ctc_loss_reduction": "mean", "ctc_zero_infinity": True})
-    model = AutoModelForCTC.from_config(config)
-    model.base_model.load_state_dict({k.removeprefix("model."): v
-                                      for k, v in encoder_state.items()})
-    model.lm_head.load_state_dict({"weight": head_state["w.weight"],
-                                   "bias": head_state["w.bias"]})
-    model.save_pretrained(out)
-
-    (out / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(vocab)},
-                                               ensure_ascii=False))
-    tokenizer = Wav2Vec2CTCTokenizer(str(out / "vocab.json"),
-                                     unk_token=getattr(sb_tokenizer, "unk_label", "<unk>"),
-                                     pad_token=HF_BLANK, word_delimiter_token=HF_SPACE,
-                                     bos_token=None, eos_token=None)
-    extractor = Wav2Vec2FeatureExtractor.from_pretrained(save / "model_files")
-    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
+    if type(config) not in MODEL_FOR_CTC_MAPPING:  # the run's wrapper writes its encoder alone
+        ssl = _encoder_class(info, config).export_encoder(encoder_state, save / "model_files", out)
+        model_class = None
+    else:
+        config.update({"vocab_size": len(vocab), "pad_token_id": info["blank_index"],
+                       "ctc_loss_reduction": "mean", "ctc_zero_infinity": True})
+        model = AutoModelForCTC.from_config(config)
+        model.base_model.load_state_dict({k.removeprefix("model."): v
+                                          for k, v in encoder_state.items()})
+        model.lm_head.load_state_dict({"weight": head_state["w.weight"],
+                                       "bias": head_state["w.bias"]})
+        model.save_pretrained(out)
+        (out / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(vocab)},
+                                                   ensure_ascii=False))
+        tokenizer = Wav2Vec2CTCTokenizer(str(out / "vocab.json"),
+                                         unk_token=getattr(sb_tokenizer, "unk_label", "<unk>"),
+                                         pad_token=HF_BLANK, word_delimiter_token=HF_SPACE,
+                                         bos_token=None, eos_token=None)
+        extractor = Wav2Vec2FeatureExtractor.from_pretrained(save / "model_files")
+        Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
+        ssl, model_class = SSL_ENCODER, type(model).__name__
 
     torch.save(head_state, out / "head.ckpt")
     sb_tokenizer.save(out / "tokenizer.ckpt")
@@ -140,14 +150,7 @@ def export_ctc(save, ckpts, info, out):
 # EncoderASR.from_hparams(source=folder, savedir=<any folder>)
 export_folder: {json.dumps(str(out.resolve()))}   # this folder (load_asr overrides it)
 sample_rate: {info["sample_rate"]}
-ssl: !new:speechtune.models.SSLEncoder   # per-utterance normalisation, as in training
-    source: !ref <export_folder>
-    save_path: !ref <export_folder>
-    freeze: True
-    freeze_feature_extractor: True
-    apply_spec_augment: False
-    output_norm: False
-head: !new:speechbrain.nnet.linear.Linear
+ssl: {ssl}head: !new:speechbrain.nnet.linear.Linear
     input_size: {config.hidden_size}
     n_neurons: {len(vocab)}
 log_softmax: !new:speechbrain.nnet.activations.Softmax
@@ -166,7 +169,30 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
         head: !ref <head>
         tokenizer: !ref <tokenizer>
 """, encoding="utf-8")
-    return type(model).__name__
+    return model_class
+
+
+SSL_ENCODER = """!new:speechtune.models.SSLEncoder   # per-utterance normalisation, as in training
+    source: !ref <export_folder>
+    save_path: !ref <export_folder>
+    freeze: True
+    freeze_feature_extractor: True
+    apply_spec_augment: False
+    output_norm: False
+"""
+
+
+def _encoder_class(info, config):
+    """The run's encoder wrapper (``run.json``'s ``encoder``), if it can write its encoder alone
+    (``export_encoder``): the export of a model transformers has no CTC class for."""
+    import importlib
+
+    module, _, name = info.get("encoder", "").rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None) if module else None
+    if not hasattr(cls, "export_encoder"):
+        raise SystemExit(f"transformers has no CTC class for a {config.model_type} encoder and "
+                         f"the run's encoder wrapper ({info.get('encoder')}) cannot export one")
+    return cls
 
 
 # ---------------------------------------------------------------------------- Whisper
@@ -211,7 +237,7 @@ def export_whisper(save, ckpts, info, out):
 export_folder: {json.dumps(str(out.resolve()))}   # this folder (load_asr overrides it)
 sample_rate: {info["sample_rate"]}
 language: {info["language"]}
-whisper: !new:speechtune.models.Whisper   # the model's own input window, as in training
+whisper: !new:speechtune.whisper_models.Whisper   # the model's own input window, as in training
     source: !ref <export_folder>
     save_path: !ref <export_folder>
     language: !ref <language>
@@ -232,7 +258,8 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
 
 def _generation_config(model, tokenizer, info):
     """Make ``generate`` write what the recipe's searcher writes: the language and task prefix,
-    no timestamps, no suppressed tokens (the recipe suppresses none)."""
+    no timestamps, the tokens it suppresses (none for runs recorded before the searcher's
+    suppression was)."""
     config = model.generation_config
     # a tokenizer without a token (whisper-small has no <|yue|>) maps it to unk: leave it out
     specials = {t: tokenizer.convert_tokens_to_ids(t) for t in whisper_special_tokens()}
@@ -244,7 +271,9 @@ def _generation_config(model, tokenizer, info):
     config.is_multilingual = bool(model.config.vocab_size >= 51865)
     config.no_timestamps_token_id = specials.get("<|notimestamps|>")
     config.decoder_start_token_id = model.config.decoder_start_token_id
-    config.suppress_tokens, config.begin_suppress_tokens = [], []
+    suppress = info.get("suppress", {})
+    config.suppress_tokens = suppress.get("tokens", [])
+    config.begin_suppress_tokens = suppress.get("begin", [])
     if config.is_multilingual:
         config.language, config.task = info["language"], info["task"]
     config.num_beams = info["test_search"]["beam_size"]
@@ -307,63 +336,6 @@ def _test_results(run_folder, ckpts):
         if (averaged is None and len(ckpts) == 1) or averaged == names:
             latest[found[1]] = line.strip()
     return list(latest.values())
-
-
-def model_card(summary, out):
-    """A README for the exported folder: what it is, where from, how good, how to load."""
-    def pct(value):
-        return "-" if value is None else f"{value:.2f}"
-
-    ckpt_rows = "\n".join(f"| {c['name']} | {c['epoch']} | {c['step']} | {pct(c['WER'])} | "
-                          f"{pct(c['CER'])} |" for c in summary["checkpoints"])
-    what = ("the best-WER checkpoint" if len(summary["checkpoints"]) == 1
-            else f"the average of the {len(summary['checkpoints'])} best checkpoints by valid WER")
-    sb_class = "EncoderASR" if summary["family"] == "ctc" else "WhisperASR"
-    hf_class = summary["model_class"]
-    processor = "Wav2Vec2Processor" if summary["family"] == "ctc" else "WhisperProcessor"
-    tests = "\n".join(f"    {line}" for line in summary["test"]) or "    (none logged)"
-    return f"""# {Path(out).name}: {summary['family'].upper()} ASR model ({summary['language']})
-
-Exported by speechtune (`tools/checkpoints.py export`) on {summary['exported']} from the run
-`{summary['run']}`: {what}.
-
-| checkpoint | epoch | step | valid WER % | valid CER % |
-|---|---|---|---|---|
-{ckpt_rows}
-
-Trained with:
-
-    {summary['train_command']}
-
-The run's latest results for these weights (its `train_log.txt`; an average is scored when the
-run is evaluated with `tools/checkpoints.py average` or `--average_best`):
-
-{tests}
-
-## Use
-
-Transcribe files or a folder: `python tools/transcribe.py {Path(out).name} audio/ --out text.jsonl`.
-
-SpeechBrain (needs `speechtune` installed: the encoder wrappers are its own):
-
-```python
-from speechtune.export import load_asr
-asr = load_asr("{Path(out).name}")          # speechbrain.inference.ASR.{sb_class}
-print(asr.transcribe_file("utt.wav"))
-```
-
-transformers:
-
-```python
-from transformers import {hf_class}, {processor}
-model = {hf_class}.from_pretrained("{Path(out).name}")
-processor = {processor}.from_pretrained("{Path(out).name}")
-```
-
-Both read the same weights. Audio is mono at {summary['sample_rate']} Hz. Per-utterance
-normalisation and the greedy/beam settings are those of the run's test decoding; an n-gram LM
-used in testing is not part of the export.
-"""
 
 
 def load_asr(folder, savedir=None, device="cpu"):

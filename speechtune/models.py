@@ -1,4 +1,5 @@
-"""Encoders: SpeechBrain's Hugging Face SSL wrapper with config overrides, and tiny offline models.
+"""Encoders: SpeechBrain's Hugging Face SSL wrapper with config overrides, and tiny offline models
+(SSL encoders and Whisper; the Whisper wrappers are ``speechtune.whisper_models``).
 
 Every ``*_hub`` key accepts a hub id (``microsoft/wavlm-large``) or a local folder in HF format.
 Tests and the bundled default never download: they build a small random-init model from a config
@@ -13,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
-from speechbrain.integrations.huggingface.whisper import Whisper as SBWhisper
 from speechbrain.utils.distributed import run_on_main
 from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor
 from transformers.models.wavlm.modeling_wavlm import WavLMAttention
@@ -257,8 +257,8 @@ def build_tiny_whisper(path, texts, multilingual=True, bpe_vocab_size=600, chunk
     the embedding like the multilingual models (language and task prefix) or like the ``.en``
     ones (no prefix): SpeechBrain decides by ``config.vocab_size``. ``chunk_length`` is the
     encoder's input window in seconds (30 for OpenAI's models; a shorter one trains faster on
-    short utterances, with ``speechtune.models.Whisper``). ``config`` holds ``WhisperConfig`` keys
-    (``d_model``, ``encoder_layers``, ...).
+    short utterances, with ``speechtune.whisper_models.Whisper``). ``config`` holds
+    ``WhisperConfig`` keys (``d_model``, ``encoder_layers``, ...).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -317,52 +317,3 @@ def _tiny_whisper_from_manifests(path, text_manifests, language, **config):
         with open(manifest, newline="", encoding="utf-8") as f:
             texts += [normalize(row["wrd"]) for row in csv.DictReader(f)]
     return build_tiny_whisper(path, texts, **config)
-
-
-class Whisper(SBWhisper):
-    """SpeechBrain's Whisper wrapper, with the model's own input window.
-
-    SpeechBrain pads or cuts every input to 30 s whatever the model; this pads or cuts to the
-    feature extractor's ``n_samples`` (30 s for OpenAI's models, so nothing changes for them), which
-    lets a small model with a short window train on short utterances at a fraction of the cost.
-    """
-
-    def _get_mel(self, wav):
-        return self.log_mel_spectrogram(self.pad_or_trim(wav, self._n_samples))
-
-    def log_mel_spectrogram(self, audio, padding: int = 0):
-        """Whisper's log-mel with its 8-decade floor below each utterance's own maximum.
-
-        SpeechBrain floors at the maximum of the whole batch, so an utterance's features
-        depended on the loudest utterance batched with it, unlike transformers' (and OpenAI's)
-        feature extractor that an exported model meets at inference.
-        """
-        if padding > 0:
-            audio = torch.nn.functional.pad(audio, (0, padding))
-        window = torch.hann_window(self._n_fft, device=audio.device)
-        stft = torch.stft(audio, self._n_fft, self._hop_length, window=window,
-                          return_complex=True)
-        log_spec = (self._mel_filters @ stft[..., :-1].abs() ** 2).clamp(min=1e-10).log10()
-        floor = log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0
-        return (torch.maximum(log_spec, floor) + 4.0) / 4.0
-
-    def forward(self, wav, decoder_input_ids, encoder_grad=True, encoded=None):
-        """Log-mel -> encoder (without autograd unless ``encoder_grad``) -> decoder, no KV cache.
-
-        ``encoded``: the encoder's output for ``wav`` if already known (an encoder cache); the
-        encoder is then skipped. Training goes through ``forward`` (not ``forward_encoder``/
-        ``forward_decoder``) so that under DDP the call passes the wrapper that synchronises
-        gradients.
-        """
-        if encoded is None:
-            with torch.set_grad_enabled(
-                    torch.is_grad_enabled() and encoder_grad and not self.freeze):
-                encoded = self.forward_encoder(self._get_mel(wav))
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            logits, attn, _ = self.forward_decoder(encoded, decoder_input_ids, use_cache=False)
-        return encoded, logits, attn
-
-    @property
-    def window_seconds(self):
-        """Longest input in seconds; longer audio would be cut (pre-flight stops it)."""
-        return self._n_samples / self.sampling_rate

@@ -64,6 +64,9 @@ FIXES = {
                       "long training utterances (the encoder sees one fixed window)",
     "too_many_tokens": "cut the utterance, or drop it with --preflight=skip (the decoder has a "
                        "fixed number of positions)",
+    "beyond_window": "raise window_seconds above the longest valid/test utterance (the first "
+                     "example; at most the model's own window) or cut those recordings: a "
+                     "shortened window would score them from their first seconds only",
     "empty_audio": "the file holds no samples: re-export it or remove the row",
     "empty_text": "the transcript is empty after the language's normaliser (blank, or only "
                   "punctuation): fix the transcript or remove the row",
@@ -132,23 +135,30 @@ def ctc_label_check(frames_for_seconds, speed_factor=1.0):
     return check
 
 
-def seq2seq_label_check(window_seconds, max_tokens, count_tokens, speed_factor=1.0):
+def seq2seq_label_check(window_seconds, max_tokens, count_tokens, speed_factor=1.0,
+                        model_window_seconds=None):
     """Whisper-style encoder-decoder: audio must fit the encoder window, tokens the decoder.
 
     A training utterance longer than ``window_seconds`` (at ``speed_factor``, the length factor of
     the most *lengthening* augmentation) would be cut and trained on a transcript it no longer
     matches; one whose target needs more than ``max_tokens`` decoder positions
     (``count_tokens(text)``: prefix included) cannot be trained on. A valid/test
-    utterance longer than the window is decoded from its first ``window_seconds`` and scored
-    against its full transcript (the missing words count as deletions): reported, not fatal
-    (LibriSpeech's dev/test sets hold a few such utterances).
+    utterance longer than the model's own window (``model_window_seconds``, default
+    ``window_seconds``) is decoded from its first ``window_seconds`` and scored against its full
+    transcript (the missing words count as deletions): reported, not fatal (LibriSpeech's
+    dev/test sets hold a few such utterances). One that fits the model's window but not a
+    shortened ``window_seconds`` is fatal: the shortened window, not the data, would cut it.
     """
+    model_window = window_seconds if model_window_seconds is None else model_window_seconds
 
     def check(split, row, text):
         seconds = float(row["duration"])
         if split != "train":
-            if seconds > window_seconds:
+            if seconds > model_window:
                 return "audio_cut", f"{seconds:.2f} s > {window_seconds:g} s window"
+            if seconds > window_seconds:
+                return "beyond_window", (f"{seconds:.2f} s > window_seconds={window_seconds:g}; "
+                                         f"the model's own window is {model_window:g} s")
             return None
         if seconds * speed_factor > window_seconds:
             return "audio_too_long", (f"{seconds * speed_factor:.2f} s (with speed perturbation) "
@@ -259,7 +269,10 @@ def run_preflight(splits, vocab, label_check, mode="error",
         kinds = Counter(p.kind for p in fatal)
         lines = []
         for kind, n in kinds.items():
-            examples = [f"{p.split}/{p.utt_id} ({p.detail})" for p in fatal if p.kind == kind][:3]
+            found = [p for p in fatal if p.kind == kind]
+            if kind == "beyond_window":  # the longest first: the fix names it
+                found.sort(key=lambda p: -float(p.detail.split()[0]))
+            examples = [f"{p.split}/{p.utt_id} ({p.detail})" for p in found][:3]
             lines.append(f"  {kind}: {n} utterance(s), e.g. {'; '.join(examples)}\n"
                          f"    fix: {FIXES[kind]}")
         raise PreflightError(

@@ -15,7 +15,7 @@ from pathlib import Path
 import ruamel.yaml
 import speechbrain as sb
 from hyperpyyaml import load_hyperpyyaml, resolve_references
-from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.distributed import ddp_broadcast, run_on_main
 
 from speechtune import data
 from speechtune.brain import FineTuneBrain
@@ -25,11 +25,14 @@ from speechtune.preflight import Problem, run_preflight
 
 @dataclass
 class Manifests:
-    """What a corpus preparation returns: one CSV per split (several test sets allowed)."""
+    """What a corpus preparation returns: one CSV per split (several test sets allowed), and the
+    language of each test set that is not in the run's ``language`` (a held-out English set of a
+    Danish run is decoded and scored as English)."""
 
     train: str
     valid: str
     tests: dict[str, str] = field(default_factory=dict)
+    languages: dict[str, str] = field(default_factory=dict)
 
 
 def load_hparams(argv):
@@ -111,6 +114,23 @@ class Experiment:
                        train_loader_kwargs=self.loader_kwargs["train"],
                        valid_loader_kwargs=self.loader_kwargs["valid"])
 
+    def zero_shot(self):
+        """Test splits on the weights as loaded, before training (``zero_shot: True``); kept in
+        ``zero_shot.json``, so a resumed run does not test them again."""
+        path = Path(self.brain.hparams.output_folder) / "zero_shot.json"
+        # under DDP the main process's view decides (it writes the file): a process deciding by
+        # its own look could skip the evaluation's collectives the others enter
+        if ddp_broadcast(path.is_file()):
+            return json.loads(path.read_text(encoding="utf-8"))
+        results = {name: {k: float(v) for k, v in self.brain.evaluate(
+            ds, split=name, zero_shot=True, test_loader_kwargs=self.loader_kwargs[name]).items()}
+            for name, ds in self.tests.items()}
+        if sb.utils.distributed.if_main_process():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1))
+            os.replace(tmp, path)
+        return results
+
     def evaluate(self):
         """Test splits on the best-WER checkpoint; an average of several (``average_best``) is
         scored on the valid split too, since no validation during training saw it."""
@@ -154,7 +174,9 @@ def build_experiment(hparams, run_opts, prepare, family):
                if not lo <= r["duration"] <= hi}
     rows["train"] = {i: r for i, r in rows["train"].items() if i not in outside}
     groups = group_columns(hparams["group_columns"], rows)
-    setup.set_texts(rows)  # references ("words") and targets, normalised as the family says
+    languages = {split: manifests.languages.get(split, hparams["language"]) for split in rows}
+    # references ("words") and targets, normalised as the family says for each split's language
+    setup.set_texts(rows, languages)
     vocab = setup.build_tokenizer(rows["train"])
     dropped = run_preflight(
         {split: list(split_rows.values()) for split, split_rows in rows.items()},
@@ -181,6 +203,7 @@ def build_experiment(hparams, run_opts, prepare, family):
     brain = setup.brain_class(modules=setup.modules(), hparams=hparams, run_opts=run_opts,
                               checkpointer=hparams["checkpointer"])
     run_on_main(record_run, args=[hparams, setup, brain.optimizer_step_limit])
+    brain.split_languages = languages
     setup.configure(brain)
     brain.groups = {split: {i: {c: r.get(c, "") for c in groups} for i, r in split_rows.items()}
                     for split, split_rows in rows.items() if split != "train"} if groups else None
@@ -213,12 +236,16 @@ def run(argv, prepare, family):
     ``family`` is the model family's setup class (``CTCFamily``, ``WhisperFamily``)."""
     hparams, run_opts = load_hparams(argv)
     experiment = build_experiment(hparams, run_opts, prepare, family)
+    zero_shot = experiment.zero_shot() if hparams["zero_shot"] else {}
     experiment.fit()
     results = experiment.evaluate()
     if sb.utils.distributed.if_main_process():
         n = int(hparams["average_best"])
         which = "best-WER checkpoint" if n <= 1 else f"average of the {n} best checkpoints"
         for name, stats in results.items():
+            before = zero_shot.get(name)
+            was = (f"; zero-shot WER {before['WER']:.2f}%  CER {before['CER']:.2f}%"
+                   if before else "")
             print(f"[speechtune] {name}: WER {stats['WER']:.2f}%  CER {stats['CER']:.2f}%  "
-                  f"({which}; alignments in {hparams['output_folder']}/wer_{name}.txt)")
+                  f"({which}{was}; alignments in {hparams['output_folder']}/wer_{name}.txt)")
     return experiment, results

@@ -5,7 +5,7 @@ checkpoints) is ``speechtune.brain.FineTuneBrain``. This module adds the teacher
 the NLL loss, greedy (valid) and beam (test) decoding with SpeechBrain's Whisper searchers, and
 the family's recipe setup (prefix tokens, text normalisation, pre-flight window/position checks).
 
-Keys read here besides the shared ones: ``whisper`` (``speechtune.models.Whisper``),
+Keys read here besides the shared ones: ``whisper`` (``speechtune.whisper_models.Whisper``),
 ``whisper_hub``, ``language``, ``augmenter`` (``null`` = none), ``speeds``, ``freeze_encoder``,
 ``whisper_opt_class``, ``whisper_lr_scheduler``, ``label_smoothing``, ``normalize_targets``,
 ``valid_search``, ``test_search``, ``sample_rate``, ``encoder_cache``.
@@ -41,6 +41,21 @@ class WhisperBrain(FineTuneBrain):
     def parameter_groups(self):
         """One group: the whole model (a ``freeze_encoder`` encoder has no trainable weights)."""
         return {"whisper": self.modules.whisper.parameters()}
+
+    def on_stage_start(self, stage, epoch=None):
+        """Valid/test decode after the language token and score with the normaliser of the
+        split's language (a test set may be in another language than the run's)."""
+        super().on_stage_start(stage, epoch)
+        if stage == sb.Stage.TRAIN:
+            return
+        language = self.hparams.language
+        if stage == sb.Stage.TEST:
+            language = self.split_languages.get(self.test_split, language)
+        token = None if language == self.hparams.language else \
+            self.tokenizer.convert_tokens_to_ids(f"<|{language}|>")
+        for searcher in (self.hparams.valid_search, self.hparams.test_search):
+            searcher.set_lang_tokens(token)
+        self.score_normalize = self.score_normalizers[language]
 
     def compute_forward(self, batch, stage):
         """Augment (train) -> log-mel -> encoder (no autograd while frozen) -> decoder on the
@@ -187,9 +202,7 @@ class WhisperFamily:
         self.prefix = list(self.tokenizer.prefix_tokens)
         self._check_decode_lengths()
         self.encoder_cache = self._encoder_cache()
-        self.score_normalize = scoring_normalizer(language, self.tokenizer)
-        normalize = get_normalizer(language)
-        self.target_text = normalize if hparams["normalize_targets"] else (lambda text: text)
+        self.score_normalizers = {}  # by language: every split's (set_texts)
 
     def _check_decode_lengths(self):
         """Searchers stop after ``encoder frames * max_decode_ratio`` tokens: those must fit the
@@ -222,7 +235,8 @@ class WhisperFamily:
     def configure(self, brain):
         """Give the Brain what it decodes and scores with (and the encoder cache, if any)."""
         brain.tokenizer = self.tokenizer
-        brain.score_normalize = self.score_normalize
+        brain.score_normalizers = self.score_normalizers
+        brain.score_normalize = self.score_normalizers[self.hparams["language"]]
         brain.encoder_cache = self.encoder_cache
 
     def inference_settings(self):
@@ -234,20 +248,39 @@ class WhisperFamily:
                     "using_eos_threshold", "eos_threshold"):
             if hasattr(search, key):
                 settings[key] = getattr(search, key)
+        # the tokens the searcher never writes, anywhere and as the first token (SpeechBrain's
+        # suppress_tokens "-1": Whisper's non-speech symbols and its task/start tokens;
+        # suppress_blank: a space or end-of-text first), for transformers' generate
+        suppress = {
+            "tokens": sorted(int(t) for t in search.get_tokens_to_suppress)
+            if search.suppress_tokens else [],
+            "begin": self.tokenizer.encode(" ", add_special_tokens=False) + [self.whisper.eos]
+            if search.suppress_blank else []}
         return {"language": self.hparams["language"], "task": self.whisper.task,
-                "sample_rate": self.hparams["sample_rate"], "test_search": settings}
+                "sample_rate": self.hparams["sample_rate"], "test_search": settings,
+                "suppress": suppress}
 
     def save_model_files(self, folder):
         """Whisper's HF config, tokenizer and feature extractor."""
         for part in (self.whisper.model.config, self.tokenizer, self.whisper.feature_extractor):
             part.save_pretrained(folder)
 
-    def set_texts(self, rows):
-        """``words``: the scoring reference; ``target``: what the decoder learns to write."""
-        for split_rows in rows.values():
+    def set_texts(self, rows, languages):
+        """``words``: the scoring reference; ``target``: what the decoder learns to write; each
+        normalised for its split's language (``languages``). A split in another language than
+        the run's is decoded after that language's token."""
+        for split, split_rows in rows.items():
+            language = languages[split]
+            if language != self.hparams["language"] and not self.whisper.is_multilingual:
+                raise ValueError(f"test set {split} is in {language}, but "
+                                 f"{self.hparams['whisper_hub']} is an English-only Whisper")
+            if language not in self.score_normalizers:
+                self.score_normalizers[language] = scoring_normalizer(language, self.tokenizer)
+            score, target = self.score_normalizers[language], get_normalizer(language)
             for row in split_rows.values():
-                row["words"] = self.score_normalize(row["wrd"])
-                row["target"] = self.target_text(row["wrd"])
+                row["words"] = score(row["wrd"])
+                row["target"] = target(row["wrd"]) if self.hparams["normalize_targets"] \
+                    else row["wrd"]
 
     def build_tokenizer(self, train_rows):
         """Whisper's own byte-level tokenizer covers every character: no vocabulary check."""
@@ -266,7 +299,7 @@ class WhisperFamily:
         stretch = 1.0 if hp["augmenter"] is None else speed_length_factors(hp["speeds"])[1]
         return seq2seq_label_check(self.whisper.window_seconds,
                                    self.whisper.model.config.max_target_positions,
-                                   self.count_tokens, stretch)
+                                   self.count_tokens, stretch, self.whisper.model_window_seconds)
 
     def add_pipelines(self, datasets):
         """``sig``, ``tokens_bos`` (prefix + text) and ``tokens_eos`` (the same shifted by one:

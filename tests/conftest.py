@@ -13,6 +13,22 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = REPO / "recipes" / "Synthetic" / "data"
 
+@pytest.fixture(scope="session", autouse=True)
+def packaged_cache(tmp_path_factory):
+    """Packaged models convert into this session's own cache (once per session, as on a user's
+    first run); recipe subprocesses inherit it."""
+    os.environ["SPEECHTUNE_CACHE"] = str(tmp_path_factory.mktemp("speechtune_cache"))
+    return Path(os.environ["SPEECHTUNE_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def whisper_base_dir(packaged_cache):
+    """packaged:whisper-base converted to a transformers folder (OpenAI's real weights)."""
+    from speechtune.packaged import resolve
+
+    return Path(resolve("packaged:whisper-base"))
+
+
 # A micro WavLM for tests: same 320x CNN arithmetic as WavLM-Large, a few thousand parameters.
 MICRO_ENCODER = {
     "model_type": "wavlm",

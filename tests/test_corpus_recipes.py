@@ -79,14 +79,24 @@ def test_a_step_limit_apart_from_the_lr_schedule_is_refused(coral_snapshot, tmp_
             "--total_steps=4", "--optimizer_step_limit=3"])
 
 
+@pytest.fixture(params=["micro", "whisper_base"])
+def multilingual_whisper(request):
+    """A micro multilingual Whisper, and OpenAI's real whisper-base (packaged; its window cut
+    to 8 s to keep the test short: the clips are under 3.5 s)."""
+    if request.param == "micro":
+        return [f"--whisper_hub={request.getfixturevalue('micro_whisper_multi_dir')}"]
+    request.getfixturevalue("whisper_base_dir")  # converted once per session
+    return ["--whisper_hub=packaged:whisper-base", "--window_seconds=8"]
+
+
 @pytest.mark.recipe
-def test_coral_whisper_trains_danish(coral_snapshot, tmp_path, micro_whisper_multi_dir):
+def test_coral_whisper_trains_danish(coral_snapshot, tmp_path, multilingual_whisper):
     out = tmp_path / "results"
     proc = run_recipe(CORAL / "Whisper", [
         "hparams/whisper_small_da.yaml", f"--data_folder={coral_snapshot}",
         f"--output_folder={out}", f"--manifest_folder={tmp_path / 'prepared'}",
-        f"--whisper_hub={micro_whisper_multi_dir}", *QUICK, "--batch_size=8",
-        "--optimizer_step_limit=3", "--valid_every_steps=3", "--max_duration=3.5",
+        *multilingual_whisper, *QUICK, "--batch_size=8", "--optimizer_step_limit=3",
+        "--valid_every_steps=3", "--max_duration=3.5",
     ])
     assert re.search(r"test: WER \d+\.\d+%", proc.stdout), proc.stdout[-2000:]
     assert [step for _, step in validations(out)] == [3]

@@ -87,8 +87,40 @@ def whisper_run(tmp_path_factory):
         "--number_of_epochs=4", "--lr=0.005", "--warmup_steps=2"])
 
 
-def transcribe_split(export, data, batch_size):
-    ids, wavs = split_files(data)
+@pytest.fixture(scope="module")
+def whisper_base_run(tmp_path_factory, whisper_base_dir):
+    """The bundled default, packaged:whisper-base, fine-tuned to Danish for 16 steps on 64
+    utterances (it gets Danish wrong zero-shot), tested on 8 Danish and 8 held-out English ones."""
+    data = tmp_path_factory.mktemp("data")
+    write_subset(SYNTHETIC / "da", data / "da", {"train": 64, "valid": 8, "test": 8})
+    write_subset(SYNTHETIC / "en_heldout", data / "en_heldout", {"test": 8})
+    out = tmp_path_factory.mktemp("run")
+    proc = run_recipe(WHISPER, [
+        "hparams/whisper_base.yaml", "--language=da", f"--data_folder={data}",
+        f"--output_folder={out}", "--number_of_epochs=2", "--batch_size=8", "--lr=0.0002",
+        "--warmup_steps=2", "--eval_batch_size=8", "--device=cpu"])
+    return data, out, proc.stdout
+
+
+def test_whisper_base_fine_tune_learns_danish_and_tests_english_in_english(whisper_base_run):
+    """16 steps take Danish test WER from nonsense (whisper-base's zero-shot) to under half of it;
+    the held-out English set is decoded after <|en|>, and scored as English."""
+    _, run, printed = whisper_base_run
+    zero = json.loads((run / "zero_shot.json").read_text())
+    logged = (run / "train_log.txt").read_text()
+    final = {split: float(re.search(rf"split: {split} - .* test WER: ([0-9.e+]+)", logged)[1])
+             for split in ("test", "en_heldout")}
+    assert zero["test"]["WER"] > 80
+    assert final["test"] < zero["test"]["WER"] / 2, (zero, final)
+    # after <|en|>: 27% on these 8 (after <|da|> whisper-base writes Danish, near 100%); what the
+    # fine-tune forgot of English (60% after it) is reported, not asserted
+    assert zero["en_heldout"]["WER"] < 40, zero
+    assert (run / "wer_test_zero_shot.txt").is_file()
+    assert re.search(r"\[speechtune\] test: WER [0-9.]+% .*zero-shot WER [0-9.]+%", printed)
+
+
+def transcribe_split(export, data, batch_size, language="en"):
+    ids, wavs = split_files(data, language)
     listing = export.parent / f"{export.name}_list.txt"
     listing.write_text("\n".join(wavs))
     out = export.parent / f"{export.name}_{batch_size}.jsonl"
@@ -165,8 +197,13 @@ print(type(asr).__name__, repr(asr.transcribe_file(sys.argv[2])))
     assert f"skipped {tmp_path / 'broken.wav'}" in done.stderr
 
 
-def test_whisper_export_transcribes_the_test_split_as_the_run_did(whisper_run, tmp_path):
-    data, run = whisper_run
+@pytest.mark.parametrize("which", ["micro", "whisper_base"])
+def test_whisper_export_transcribes_the_test_split_as_the_run_did(which, request, tmp_path):
+    """The micro Whisper run, and the real whisper-base fine-tuned to Danish (8 s window)."""
+    if which == "micro":
+        (data, run), language = request.getfixturevalue("whisper_run"), "en"
+    else:
+        (data, run, _), language = request.getfixturevalue("whisper_base_run"), "da"
     export = tmp_path / "exported"
     tool("checkpoints.py", "export", run, export)
     ran = hypotheses(run / "wer_test.txt")
@@ -174,15 +211,16 @@ def test_whisper_export_transcribes_the_test_split_as_the_run_did(whisper_run, t
 
     from speechtune.whisper import scoring_normalizer
 
-    normalize = scoring_normalizer("en", None)
-    decoded = transcribe_split(export, data, 4)
+    normalize = scoring_normalizer(language, None)
+    decoded = transcribe_split(export, data, 4, language)
     assert {i: normalize(t).split() for i, t in decoded.items()} == ran
 
     # transformers: WhisperForConditionalGeneration gives SpeechBrain's decoder logits, teacher
     # forced on the language/task prefix and the run's beam hypothesis (same weights, features,
     # tied output projection), and its greedy generate writes the token ids SpeechBrain's greedy
-    # searcher writes (at least 10, like the searcher's min_decode_ratio)
-    ids, wavs = split_files(data)
+    # searcher writes (with the tokens the searcher suppresses, from the export's generation
+    # config)
+    ids, wavs = split_files(data, language)
     checks = json.loads(offline_python("""
 import json
 import torch
@@ -193,7 +231,8 @@ from speechtune.export import load_asr
 model = WhisperForConditionalGeneration.from_pretrained(sys.argv[1]).eval()
 processor = WhisperProcessor.from_pretrained(sys.argv[1])
 asr = load_asr(sys.argv[1])
-greedy = S2SWhisperGreedySearcher(model=asr.mods.whisper, min_decode_ratio=0.05,
+frames = asr.mods.whisper.model.config.max_source_positions  # at least 10 tokens, as below
+greedy = S2SWhisperGreedySearcher(model=asr.mods.whisper, min_decode_ratio=10 / frames,
                                   max_decode_ratio=0.25)
 prefix = asr.mods.whisper.tokenizer.prefix_tokens
 checks = []
@@ -214,7 +253,8 @@ print(json.dumps(checks))
 """, export, *wavs).splitlines()[-1])
     assert all(length > 6 for length, _, _, _ in checks)  # the prefix and hypothesis tokens
     assert max(diff for _, diff, _, _ in checks) < 1e-3
-    assert all(len(sb) >= 10 and hf == sb for _, _, hf, sb in checks)
+    # the searcher's minimum counts the prefix: at least 6 tokens of text
+    assert all(len(sb) >= 6 and hf == sb for _, _, hf, sb in checks), checks
 
 
 def test_bad_export_arguments_are_named(ctc_run, tmp_path):

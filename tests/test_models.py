@@ -99,7 +99,7 @@ def test_whisper_log_mel_is_per_utterance_like_transformers(micro_whisper_en_dir
     """The log-mel floor sits 8 decades below each utterance's own maximum, not the batch's."""
     from transformers import WhisperFeatureExtractor
 
-    from speechtune.models import Whisper
+    from speechtune.whisper_models import Whisper
 
     model = Whisper(micro_whisper_en_dir, str(tmp_path))
     quiet, loud = 0.01 * torch.randn(16000), torch.randn(48000)

@@ -171,6 +171,20 @@ def test_audio_longer_than_the_whisper_window(tmp_path):
     assert "s0\taudio_cut\t2.50 s > 2 s window" in report.read_text()
 
 
+def test_valid_audio_beyond_a_shortened_window_stops_the_run(tmp_path):
+    """A window cut below the model's own (window_seconds) would score long valid/test audio from
+    its first seconds: fatal even with --preflight=skip, the longest utterance named first."""
+    splits = clean_splits(tmp_path)
+    splits["valid"] += rows_for(tmp_path, ["a b", "c d"], seconds=2.5, prefix="v")
+    splits["valid"][-1]["duration"] = 2.8
+    check = seq2seq_label_check(2.0, 20, count_tokens=lambda t: len(t.split()) + 4,
+                                model_window_seconds=30.0)
+    with pytest.raises(PreflightError, match=r"(?s)beyond_window: 2 utterance\(s\), e\.g\. "
+                                             r"valid/v1 \(2\.80 s > window_seconds=2.*raise "
+                                             r"window_seconds above the longest"):
+        run_preflight(splits, None, check, mode="skip", duration_tolerance=1.0)
+
+
 def test_whisper_training_checks_use_the_lengthening_speed(tmp_path):
     splits = clean_splits(tmp_path)
     splits["train"] = rows_for(tmp_path, ["fine"], seconds=1.9, prefix="T")

@@ -146,8 +146,9 @@ def main(argv=None):
 
         summary = export_run(args.run, args.out, args.checkpoint, args.average, args.force)
         names = ", ".join(c["name"] for c in summary["checkpoints"])
-        print(f"exported {summary['model_class']} from {names} to {args.out} "
-              f"(card: {args.out}/README.md)")
+        what = summary["model_class"] or ("for SpeechBrain's EncoderASR only (transformers has "
+                                          "no CTC class for this encoder)")
+        print(f"exported {what} from {names} to {args.out} (card: {args.out}/README.md)")
         return 0
 
     if args.command == "list":

@@ -66,6 +66,9 @@ def source_recipe(path, hparams_name):
     yamls = sorted(p.name for p in (folder / "hparams").glob("*.yaml"))
     if hparams_name is None and len(yamls) == 1:
         hparams_name = yamls[0]
+    elif hparams_name is None:  # several: the recipe's default, the first its train.py runs
+        named = re.search(r"hparams/([\w.-]+\.yaml)", (folder / "train.py").read_text())
+        hparams_name = named and named[1]
     if hparams_name not in yamls:
         given = "no --hparams" if hparams_name is None else f"--hparams {hparams_name}"
         raise RecipeError(f"{given}: pass one of {yamls} (in {path}/hparams)")
@@ -384,7 +387,8 @@ def main(argv=None):
     parser.add_argument("--language", required=True, help="language code, e.g. da, sv, de")
     parser.add_argument("--corpus", required=True, help="manifest file or folder of manifests")
     parser.add_argument("--out", required=True, help="new recipe folder")
-    parser.add_argument("--hparams", help="source hparams file name (if it has several)")
+    parser.add_argument("--hparams", help="source hparams file name (default: the only one, or "
+                        "the first its train.py's docstring runs)")
     parser.add_argument("--fork", action="store_true", help="copy the family's Brain too")
     parser.add_argument("--force", action="store_true", help="overwrite the files it writes")
     parser.add_argument("--no_dry_run", action="store_true", help="skip the few-batch run")

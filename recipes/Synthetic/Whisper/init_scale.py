@@ -17,7 +17,8 @@ import soundfile as sf
 import torch
 from transformers import WhisperModel
 
-from speechtune.models import Whisper, build_tiny_whisper
+from speechtune.models import build_tiny_whisper
+from speechtune.whisper_models import Whisper
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "en"
 TINY = {"chunk_length": 4, "num_mel_bins": 80, "d_model": 128, "encoder_layers": 2,
