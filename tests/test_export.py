@@ -98,7 +98,7 @@ def whisper_base_run(tmp_path_factory, whisper_base_dir):
     proc = run_recipe(WHISPER, [
         "hparams/whisper_base.yaml", "--language=da", f"--data_folder={data}",
         f"--output_folder={out}", "--number_of_epochs=2", "--batch_size=8", "--lr=0.0002",
-        "--warmup_steps=2", "--eval_batch_size=8", "--device=cpu"])
+        "--warmup_steps=2", "--eval_batch_size=8", "--device=cpu", "--num_to_keep=2"])
     return data, out, proc.stdout
 
 
@@ -286,3 +286,17 @@ def test_bad_export_arguments_are_named(ctc_run, tmp_path):
                            str(tmp_path / "taken"), "--force"], capture_output=True, text=True)
     assert "is not an earlier export" in done.stderr
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_whisper_base_average_of_two_checkpoints(whisper_base_run):
+    """Averaging whisper-base checkpoints: the run's command reruns and only tests (last in this
+    file: it rewrites the run's wer_test.txt, which the export test compares with); the zero-shot
+    results are not recomputed."""
+    _, run, _ = whisper_base_run
+    printed = tool("checkpoints.py", "average", run, "-k", "2")
+    assert re.search(r"\[speechtune\] valid: WER [0-9.]+%", printed), printed
+    assert re.search(r"\[speechtune\] test: WER [0-9.]+% .*average of the 2 best checkpoints"
+                     r"; zero-shot WER", printed), printed
+    logged = (run / "train_log.txt").read_text()
+    assert logged.count("test_zero_shot") == 1
+

@@ -3,6 +3,7 @@
 
     python train.py hparams/whisper_tiny.yaml                 # English, tiny Whisper built offline
     python train.py hparams/whisper_tiny.yaml --language=da   # Danish
+    python train.py hparams/whisper_base.yaml                 # the bundled default: whisper-base
 
 The corpus is committed in ../data; the training loop is speechtune.whisper.WhisperBrain,
 shared by every corpus.
