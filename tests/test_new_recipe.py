@@ -110,6 +110,7 @@ def test_whisper_recipe_passes_preflight_and_a_dry_run(tmp_path, small_da):
     yaml = (out / "hparams" / "whisper_tiny.yaml").read_text()
     assert "text_manifests: [!ref <prepared_train_manifest>]" in yaml
     assert "<data_folder>/<language>" not in yaml
+    assert "extra_tests" not in yaml  # the bundled corpus's further test sets stay behind
 
 
 def test_one_jsonl_manifest_is_split_with_paths_relative_in_a_checkout(tmp_path):

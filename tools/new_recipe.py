@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 FAMILIES = {"CTCFamily": ("speechtune.ctc", "CTCBrain"),
             "WhisperFamily": ("speechtune.whisper", "WhisperBrain")}
 SPLITS = ("train", "valid", "test")
-CORPUS_KEYS = ("manifest_folder", "train_splits", "dev_splits", "test_splits")  # other preps'
+# other preparations' keys (extra_tests: the bundled corpus's further test sets)
+CORPUS_KEYS = ("manifest_folder", "train_splits", "dev_splits", "test_splits", "extra_tests")
 MANIFEST_HELP = ("a CSV or JSONL manifest per split with columns audio (or wav) and text (or "
                  "wrd), optional id, speaker, duration and group columns; see "
                  "speechtune/prepare/custom.py")
