@@ -112,6 +112,11 @@ def _hf_state_dict(v):
             if name != "k":  # Whisper's key projections have no bias (CTranslate2 stores 0)
                 sd[f"{hf}.{name}_proj.bias"] = b
 
+    def self_attention(hf, ct2):
+        norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
+        split(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0", "qkv")
+        linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
+
     def ffn(hf, ct2):
         norm(f"{hf}.final_layer_norm", f"{ct2}/ffn/layer_norm")
         linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0")
@@ -123,18 +128,14 @@ def _hf_state_dict(v):
     sd[f"{enc}.embed_positions.weight"] = t("encoder/position_encodings/encodings")
     for i in range(_layers(v, "encoder")):
         hf, ct2 = f"{enc}.layers.{i}", f"encoder/layer_{i}"
-        norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
-        split(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0", "qkv")
-        linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
+        self_attention(hf, ct2)
         ffn(hf, ct2)
     norm(f"{enc}.layer_norm", "encoder/layer_norm")
     sd[f"{dec}.embed_tokens.weight"] = t("decoder/embeddings/weight")
     sd[f"{dec}.embed_positions.weight"] = t("decoder/position_encodings/encodings")
     for i in range(_layers(v, "decoder")):
         hf, ct2 = f"{dec}.layers.{i}", f"decoder/layer_{i}"
-        norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
-        split(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0", "qkv")
-        linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
+        self_attention(hf, ct2)
         norm(f"{hf}.encoder_attn_layer_norm", f"{ct2}/attention/layer_norm")
         split(f"{hf}.encoder_attn", f"{ct2}/attention/linear_0", "q")
         split(f"{hf}.encoder_attn", f"{ct2}/attention/linear_1", "kv")
