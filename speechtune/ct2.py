@@ -73,13 +73,12 @@ def read_ct2_model(path):
 
 def _check_float(variables, path):
     """Weights must be float16/float32: int8 / int16 models are quantised (lossy)."""
-    quantised = sorted(n for n, v in variables.items()
+    quantised = sorted(f"{n}: {v.dtype}" for n, v in variables.items()
                        if n.endswith("weight") and v.dtype not in FLOAT_DTYPES)
-    if quantised or any(n.endswith("weight_scale") for n in variables):
-        example = quantised[0] if quantised else "a weight_scale variable"
+    quantised += sorted(n for n in variables if n.endswith("weight_scale"))
+    if quantised:
         raise CT2FormatError(
-            f"{path} is a quantised CTranslate2 model ({example}: "
-            f"{variables[quantised[0]].dtype if quantised else 'int8 scales'}): int8/int16 "
+            f"{path} is a quantised CTranslate2 model ({quantised[0]}): int8/int16 "
             "weights cannot be turned back into the original ones. Use a float16 or float32 "
             "conversion of the model (ct2-transformers-converter --quantization float16).")
 

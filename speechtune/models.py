@@ -57,10 +57,7 @@ class SSLEncoder(Wav2Vec2):
 
     def override_config(self, config):
         """Apply ``config_overrides`` (unknown attribute names are an error)."""
-        for key, value in self._config_overrides.items():
-            if not hasattr(config, key):
-                raise ValueError(f"config_overrides: {type(config).__name__} has no '{key}'")
-            setattr(config, key, value)
+        apply_config_overrides(config, self._config_overrides)
         if not hasattr(config, "mask_feature_min_masks"):
             # transformers' WavLMConfig lacks this attribute that its channel masking reads
             # (AttributeError as soon as mask_feature_prob > 0); 0 is Wav2Vec2Config's default.
@@ -115,6 +112,16 @@ class SSLEncoder(Wav2Vec2):
         """Number of encoder frames for ``num_samples`` input samples (the CNN's arithmetic)."""
         n = self.model._get_feat_extract_output_lengths(torch.tensor(num_samples))
         return int(n)
+
+
+def apply_config_overrides(config, overrides):
+    """Set each ``{attribute: value}`` of ``overrides`` on an HF ``config`` before its model
+    loads; a name the config does not have is an error, not a silent new attribute."""
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"config_overrides: {type(config).__name__} has no '{key}'")
+        setattr(config, key, value)
+    return config
 
 
 def normalize_per_utterance(wav, wav_lens=None, eps=1e-7):

@@ -27,6 +27,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhi
 from transformers.models.whisper.modeling_whisper import WhisperPreTrainedModel
 
 from speechtune import packaged
+from speechtune.models import apply_config_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,7 @@ class Whisper(SBWhisper):
 
     def override_config(self, config):
         """Apply ``config_overrides`` (e.g. ``dropout``; unknown names are an error)."""
-        for key, value in self._config_overrides.items():
-            if not hasattr(config, key):
-                raise ValueError(f"config_overrides: {type(config).__name__} has no '{key}'")
-            setattr(config, key, value)
-        return config
+        return apply_config_overrides(config, self._config_overrides)
 
     def train(self, mode=True):
         """A frozen encoder stays in eval mode (no dropout): its output depends on the audio
@@ -69,15 +66,19 @@ class Whisper(SBWhisper):
             self.model.encoder.eval()
         return self
 
+    @property
+    def frame_samples(self):
+        """Input samples per encoder frame: the mel hop (10 ms) times conv2's stride 2."""
+        return 2 * self._hop_length
+
     def _set_window(self, seconds):
-        frames_per_second = self.sampling_rate // self._hop_length // 2  # conv2's stride 2
-        frames = int(round(seconds * frames_per_second))
+        frames = int(round(seconds * self.sampling_rate / self.frame_samples))
         encoder, config = self.model.encoder, self.model.config
-        if seconds > self.window_seconds or frames * 2 * self._hop_length != \
-                int(seconds * self.sampling_rate):
+        if seconds > self.window_seconds or \
+                frames * self.frame_samples != int(seconds * self.sampling_rate):
             raise ValueError(
                 f"window_seconds={seconds}: the model's window is {self.window_seconds:g} s; use "
-                f"a shorter one in steps of {1 / frames_per_second:g} s")
+                f"a shorter one in steps of {self.frame_samples / self.sampling_rate:g} s")
         positions = encoder.embed_positions.weight[:frames].detach().clone()
         encoder.embed_positions = torch.nn.Embedding.from_pretrained(positions, freeze=True)
         config.max_source_positions = frames
@@ -173,11 +174,6 @@ class WhisperEncoder(Whisper):
             source, config=self.config, cache_dir=save_path, **kwargs)
         if device is not None:
             self.model.to(device)
-
-    @property
-    def frame_samples(self):
-        """Input samples per encoder frame: the mel hop (10 ms) times conv2's stride 2."""
-        return 2 * self._hop_length
 
     def output_frames(self, num_samples: int) -> int:
         """Encoder frames ``forward`` returns for an input of ``num_samples`` samples: one per
