@@ -3,9 +3,11 @@
 A family's Brain adds ``compute_forward``/``compute_objectives`` and says which parameters each
 optimizer trains (``parameter_groups``); the rest is here, once:
 
-- one optimizer and one LR schedule per parameter group, both declared in yaml as
-  ``<group>_opt_class`` and ``<group>_lr_scheduler`` (Noam or tri-stage), the LR set *before*
-  every optimizer step (SpeechBrain's own Whisper recipes declare a scheduler and never step it);
+- one optimizer and one LR schedule per parameter group, declared in yaml as
+  ``optim: {<group>: {optimizer: ..., scheduler: ...}}`` (Noam or tri-stage), the LR set
+  *before* every optimizer step (SpeechBrain's own Whisper recipes declare a scheduler and never
+  step it);
+- what a checkpoint holds, listed in one place (``checkpoint_contents``);
 - staged encoder freezing: ``freeze_encoder_steps`` (0, N or ``always``); while frozen the encoder
   runs without autograd and its optimizer (if it has one) is not stepped;
 - validation at epoch ends and every ``valid_every_steps`` optimizer steps, each followed by a
@@ -16,11 +18,11 @@ optimizer trains (``parameter_groups``); the rest is here, once:
 - testing the best-WER checkpoint, or the average of the ``average_best`` best ones; per-group
   WER/CER with bootstrap intervals (``speechtune.metrics``) when the manifests have group columns.
 
-Keys read here (a missing key is an error, never a silent default): ``freeze_encoder_steps``,
-``valid_every_steps``, ``log_every_steps``, ``num_to_keep``, ``average_best``, ``train_logger``,
-``group_bootstrap_resamples``, ``seed``,
-``wer_computer``,
+Keys read here (a missing key is an error, never a silent default): ``optim``,
+``freeze_encoder_steps``, ``valid_every_steps``, ``log_every_steps``, ``num_to_keep``,
+``average_best``, ``train_logger``, ``group_bootstrap_resamples``, ``seed``, ``wer_computer``,
 ``cer_computer``, ``checkpointer``, ``history``, ``epoch_counter``, ``output_folder``.
+SpeechBrain's private members are overridden in ``speechtune.sb_compat`` only.
 """
 
 import logging
@@ -32,13 +34,15 @@ from speechbrain.nnet.schedulers import TriStageLRSchedule
 from speechbrain.utils.checkpoints import average_checkpoints
 from speechbrain.utils.distributed import ddp_all_reduce
 
+from speechtune.checkpoints import RNGState
 from speechtune.metrics import group_rows, write_group_report
 from speechtune.outputs import write_curves
+from speechtune.sb_compat import BrainCompat
 
 logger = logging.getLogger(__name__)
 
 
-class FineTuneBrain(sb.Brain):
+class FineTuneBrain(BrainCompat):
     """Per-group optimizers and LR schedules, staged freezing, best-WER checkpoints, curves."""
 
     tokenizer = None  # set by the family's recipe setup
@@ -50,6 +54,44 @@ class FineTuneBrain(sb.Brain):
     #: the optimizer group that trains the encoder, skipped while it is frozen (None: the
     #: family has one optimizer; a frozen encoder then simply has no gradients)
     encoder_group = "encoder"
+
+    def __init__(self, modules=None, hparams=None, run_opts=None, checkpointer=None):
+        super().__init__(modules=modules, hparams=hparams, run_opts=run_opts,
+                         checkpointer=checkpointer)
+        self._own_modules = dict(modules or {})  # as given: not the DDP wrappers made later
+        self.optimizers_dict = {}
+        self._register_checkpoint()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_contents(self):
+        """Everything a checkpoint holds, by its file name in the checkpoint folder:
+
+        - each module (``modules()`` of the family: ``encoder`` + ``head``, or ``whisper``);
+        - ``<group>_lr_scheduler`` and, once training starts, ``<group>_opt`` per ``optim``
+          group;
+        - ``counter`` (epochs done), ``history`` (loss/WER curves), ``rng`` (the random
+          generators: a resumed run draws what the uninterrupted one would have; optional, as
+          checkpoints of older runs lack it);
+        - and SpeechBrain's own: ``brain`` (step counters), ``scaler`` (fp16 only),
+          ``dataloader-TRAIN`` (mid-epoch position).
+
+        Returns ``{name: (object, optional_load)}`` for speechtune's part."""
+        contents = {name: (module, False) for name, module in self._own_modules.items()}
+        for name, group in self.hparams.optim.items():
+            contents[f"{name}_lr_scheduler"] = (group["scheduler"], False)
+        contents.update({f"{name}_opt": (opt, False)
+                         for name, opt in self.optimizers_dict.items()})
+        contents.update(counter=(self.hparams.epoch_counter, False),
+                        history=(self.hparams.history, False), rng=(RNGState(), True))
+        return contents
+
+    def _register_checkpoint(self):
+        """Register what ``checkpoint_contents`` lists and is not registered yet."""
+        if self.checkpointer is None:
+            return
+        for name, (obj, optional) in self.checkpoint_contents().items():
+            if name not in self.checkpointer.recoverables:
+                self.checkpointer.add_recoverable(name, obj, optional_load=optional)
 
     # ------------------------------------------------------------------ to override
     def parameter_groups(self):
@@ -71,18 +113,21 @@ class FineTuneBrain(sb.Brain):
 
     # ------------------------------------------------------------------ optimizers and LRs
     def init_optimizers(self):
-        """One optimizer per parameter group (``<group>_opt_class``), checkpointed as
+        """One optimizer per parameter group (``optim[<group>][optimizer]``), checkpointed as
         ``<group>_opt``; a group without trainable parameters gets none."""
+        groups, optim = self.parameter_groups(), self.hparams.optim
+        if set(groups) != set(optim):
+            raise ValueError(f"optim declares the groups {sorted(optim)}, but this family trains "
+                             f"{sorted(groups)}: give optim one entry per group, each with an "
+                             "optimizer and a scheduler")
         self.optimizers_dict = {}
-        for name, params in self.parameter_groups().items():
+        for name, params in groups.items():
             params = [p for p in params if p.requires_grad]
-            if not params:
-                continue
-            self.optimizers_dict[name] = getattr(self.hparams, f"{name}_opt_class")(params)
-            if self.checkpointer is not None:
-                self.checkpointer.add_recoverable(f"{name}_opt", self.optimizers_dict[name])
+            if params:
+                self.optimizers_dict[name] = optim[name]["optimizer"](params)
         if not self.optimizers_dict:
             raise ValueError("Nothing to train: every parameter is frozen.")
+        self._register_checkpoint()
         self._step_schedulers()  # the first optimizer step already uses the warmup LR
 
     def on_fit_start(self):
@@ -91,13 +136,13 @@ class FineTuneBrain(sb.Brain):
         super().on_fit_start()
         limit = self.optimizer_step_limit
         for name in self.optimizers_dict if limit else ():
-            scheduler = getattr(self.hparams, f"{name}_lr_scheduler")
+            scheduler = self.hparams.optim[name]["scheduler"]
             if not isinstance(scheduler, TriStageLRSchedule):
                 continue
             span = scheduler.warmup_steps + scheduler.hold_steps + scheduler.decay_steps
             if abs(span - limit) >= 1:
                 raise ValueError(
-                    f"{name}_lr_scheduler warms up, holds and decays over {span:g} optimizer "
+                    f"optim.{name}.scheduler warms up, holds and decays over {span:g} optimizer "
                     f"steps, but training stops at optimizer_step_limit={limit}: the LR would "
                     f"{'stop before its decay' if limit < span else 'sit at its floor'}. Set the "
                     "length with --total_steps=N (the schedule and the limit follow it); a "
@@ -106,7 +151,7 @@ class FineTuneBrain(sb.Brain):
     def _step_schedulers(self):
         """Set each optimizer's LR for the upcoming optimizer step."""
         for name, opt in self.optimizers_dict.items():
-            scheduler = getattr(self.hparams, f"{name}_lr_scheduler")
+            scheduler = self.hparams.optim[name]["scheduler"]
             if isinstance(scheduler, TriStageLRSchedule):
                 scheduler(opt, self.optimizer_step)
             else:  # Noam-style: counts its own steps (checkpointed); keep it at optimizer_step + 1
@@ -175,13 +220,11 @@ class FineTuneBrain(sb.Brain):
             return
         super().optimizers_step()
 
-    def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
+    def intra_epoch_checkpoint_allowed(self):
         """SpeechBrain's ``ckpt_interval_minutes`` / ``ckpt_interval_steps`` checkpoints, only
         right after an update: between accumulated batches the gradients so far are not in a
         checkpoint, and a resumed run would lose them."""
-        if self.step % self.grad_accumulation_factor:
-            return False
-        return super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
+        return self.step % self.grad_accumulation_factor == 0
 
     # ------------------------------------------------------------------ augmentation
     def augment(self, wavs, wav_lens):
@@ -301,13 +344,11 @@ class FineTuneBrain(sb.Brain):
             self.train_sampler = batch_sampler
         return super().fit(epoch_counter, train_set, valid_set, **kwargs)
 
-    def _fit_valid(self, valid_set, epoch, enable):
-        """Epoch-end validation, except when ``optimizer_step_limit`` ended training right after
-        a step-based validation (the same weights again) or on a rerun of a finished run."""
+    def skip_epoch_end_validation(self):
+        """Skip it when ``optimizer_step_limit`` ended training right after a step-based
+        validation (the same weights again) or on a rerun of a finished run."""
         done = self.hparams.history.valid
-        if self._optimizer_step_limit_exceeded and done and done[-1][0] == self.optimizer_step:
-            return
-        super()._fit_valid(valid_set, epoch, enable)
+        return bool(self.step_limit_reached and done and done[-1][0] == self.optimizer_step)
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Load the best checkpoint by ``min_key`` (WER); with ``average_best: N`` > 1, then

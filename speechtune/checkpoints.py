@@ -7,6 +7,10 @@ to resume from. Here ``CKPT.yaml`` is written under another name and renamed onc
 saved; a folder without it is a torn save, ignored by every reader and removed by the next save.
 A failed save (disk full, folder not writable) stops the run with the folder and the fix, and the
 earlier checkpoints stay as they were.
+
+Also here: ``RNGState`` (the random generators, checkpointed) and ``load_state`` (one
+recoverable's weights from one checkpoint or averaged over several, for export). What a
+checkpoint holds is listed in one place, ``speechtune.brain.FineTuneBrain.checkpoint_contents``.
 """
 
 import logging
@@ -22,6 +26,7 @@ from speechbrain.utils.checkpoints import (
     CKPT_PREFIX,
     METAFNAME,
     Checkpointer,
+    average_checkpoints,
     mark_as_loader,
     mark_as_saver,
     register_checkpoint_hooks,
@@ -115,3 +120,11 @@ class RNGState:
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(ckpts, name):
+    """The ``name`` recoverable's state dict, averaged over ``ckpts`` when several."""
+    if len(ckpts) == 1:
+        return torch.load(ckpts[0].paramfiles[name], map_location="cpu")
+    return average_checkpoints(ckpts, name,
+                               parameter_loader=partial(torch.load, map_location="cpu"))

@@ -3,11 +3,12 @@
 
 The shared loop (optimizers, LR schedules, freezing, validation, checkpoints) is
 ``speechtune.brain.FineTuneBrain``; this module adds the CTC forward/loss and the family's recipe
-setup (character vocabulary, pre-flight frame check, data pipelines). Keys read here besides the
-shared ones: ``encoder``, ``head`` (modules); ``augmenter`` (``null`` = no augmentation);
-``encoder_opt_class``, ``head_opt_class``, ``encoder_lr_scheduler``, ``head_lr_scheduler``;
-``blank_index``; ``speeds``; ``vocabulary`` and ``target_case`` (below); the decoding keys of
-``speechtune.lm``.
+setup (``speechtune.family``: character vocabulary, pre-flight frame check, data pipelines), its
+export (``speechtune.ctc_export``) and its tools' model builder. Keys read here besides the shared
+ones (``hparams/ctc.yaml`` declares them all): ``model`` (the encoder's source), ``encoder`` (the
+encoder wrapper, built with that source), ``head``; ``augmenter`` (``null`` = no augmentation);
+``optim`` groups ``encoder`` and ``head``; ``blank_index``; ``speeds``; ``vocabulary`` and
+``target_case`` (below); the decoding keys of ``speechtune.ctc_decoding``.
 
 ``vocabulary: new`` builds a character vocabulary from the normalised training text and a new
 linear head. ``vocabulary: pretrained`` keeps a CTC fine-tuned model's own vocabulary and
@@ -24,10 +25,13 @@ import speechbrain as sb
 import torch
 from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.utils.distributed import ddp_broadcast, run_on_main
+from transformers import AutoModelForCTC
 
-from speechtune import data
+from speechtune import data, tiny
 from speechtune.brain import FineTuneBrain
-from speechtune.lm import GreedyDecoder, build_test_decoder, check_decoding
+from speechtune.ctc_decoding import GreedyDecoder, build_test_decoder, check_decoding
+from speechtune.ctc_export import export_ctc
+from speechtune.family import Family
 from speechtune.preflight import ctc_label_check, seq2seq_label_check, speed_length_factors
 from speechtune.text import get_normalizer
 
@@ -86,20 +90,32 @@ class CTCBrain(FineTuneBrain):
         return loss
 
 
-class CTCFamily:
-    """Recipe setup of the CTC family (used by ``speechtune.recipe.build_experiment``)."""
+class CTCFamily(Family):
+    """The CTC family: an encoder + linear head on a character vocabulary (``speechtune.family``
+    for the order of the steps)."""
 
-    brain_class = CTCBrain
     name = "ctc"
+    brain_class = CTCBrain
+    inference_class = "EncoderASR"
+    processor_class = "Wav2Vec2Processor"
+    summary = "CTC on characters"
 
     def __init__(self, hparams):
-        self.hparams = hparams
+        super().__init__(hparams)
         self.tokenizer = None
+        self.encoder = None  # built by build_model
         self.pretrained_head = None  # the source model's CTC head (vocabulary: pretrained)
         if hparams["vocabulary"] not in ("new", "pretrained"):
             raise ValueError(f"vocabulary={hparams['vocabulary']!r}: use new or pretrained")
         if hparams["target_case"] not in ("lower", "upper"):
             raise ValueError(f"target_case={hparams['target_case']!r}: use lower or upper")
+
+    def build_model(self, train_texts):
+        """The ``encoder`` wrapper on the ``model`` source (a ``tiny:`` preset built first)."""
+        hp = self.hparams
+        self.source = tiny.resolve_source(
+            hp["model"], Path(hp["output_folder"]) / "tiny_model", "encoder")
+        self.encoder = hp["encoder"](source=self.source)
 
     def set_texts(self, rows, languages):
         """Targets and references are the same transcript, normalised for the split's language
@@ -125,9 +141,9 @@ class CTCFamily:
                            self.hparams["checkpointer"].find_checkpoint() is not None):
             self.tokenizer = CTCTextEncoder.from_saved(path)
         else:
-            labels, blank, delimiter, unk, head = self.hparams["encoder"].pretrained_ctc()
+            labels, blank, delimiter, unk, head = self.encoder.pretrained_ctc()
             if blank != self.hparams["blank_index"]:
-                raise ValueError(f"{self.hparams['encoder'].source} pads (its CTC blank) with id "
+                raise ValueError(f"{self.encoder.source} pads (its CTC blank) with id "
                                  f"{blank}: set blank_index: {blank}")
             self.pretrained_head = head
             kwargs = {"labels": labels, "blank_id": blank, "word_delimiter": delimiter,
@@ -142,12 +158,12 @@ class CTCFamily:
         shortens audio to 100/105 of its length: the largest speed shortens most). An encoder
         with a fixed input window (``window_seconds``: Whisper's) also needs the audio inside
         it, at the slowest speed, as the Whisper family checks (no decoder: no token limit)."""
-        hp, encoder = self.hparams, self.hparams["encoder"]
+        hp, encoder = self.hparams, self.encoder
         shrink, stretch = (1.0, 1.0) if hp["augmenter"] is None else \
             speed_length_factors(hp["speeds"])
         rate = hp["sample_rate"]
         labels = ctc_label_check(lambda s: encoder.output_frames(int(s * rate)), shrink)
-        window = getattr(encoder, "window_seconds", None)
+        window = encoder.window_seconds
         if window is None:  # SSL encoders take any length
             return labels
         fits = seq2seq_label_check(window, float("inf"), len, stretch,
@@ -163,16 +179,15 @@ class CTCFamily:
 
     def inference_settings(self):
         """What an exported model needs besides its weights (``tools/checkpoints.py export``)."""
-        hp, encoder = self.hparams, type(self.hparams["encoder"])
+        hp, encoder = self.hparams, type(self.encoder)
         return {"language": hp["language"], "sample_rate": hp["sample_rate"],
                 "blank_index": hp["blank_index"], "decoding": hp["decoding"],
                 "encoder": f"{encoder.__module__}.{encoder.__qualname__}"}
 
     def save_model_files(self, folder):
         """The encoder's HF config and feature extractor (the vocabulary is label_encoder.txt)."""
-        encoder = self.hparams["encoder"]
-        encoder.model.config.save_pretrained(folder)
-        encoder.feature_extractor.save_pretrained(folder)
+        self.encoder.model.config.save_pretrained(folder)
+        self.encoder.feature_extractor.save_pretrained(folder)
 
     def add_pipelines(self, datasets):
         """``sig`` and ``tokens`` (character ids of the normalised ``words``)."""
@@ -190,11 +205,79 @@ class CTCFamily:
     def modules(self):
         """The encoder and a linear head sized to the vocabulary: new, or the pretrained CTC
         head's weights (``vocabulary: pretrained``; a resumed run then loads its checkpoint)."""
-        encoder = self.hparams["encoder"]
+        encoder = self.encoder
         # the feature size: WavLM's hidden_size; transformers' WhisperConfig maps it to d_model
         head = self.hparams["head"](input_size=encoder.model.config.hidden_size,
                                     n_neurons=len(self.tokenizer.lab2ind))
         if self.pretrained_head is not None:
             head.w.load_state_dict(self.pretrained_head)
-        self.hparams["checkpointer"].add_recoverable("head", head)
         return {"encoder": encoder, "head": head}
+
+    @classmethod
+    def export(cls, save, ckpts, info, out):
+        """``speechtune.ctc_export.export_ctc``."""
+        return export_ctc(save, ckpts, info, out)
+
+    @classmethod
+    def after_load(cls, asr):
+        """The vocabulary was saved whole: say so (SpeechBrain warns otherwise)."""
+        asr.tokenizer.expect_len(len(asr.tokenizer.lab2ind))
+        return asr
+
+    def setup_summary(self):
+        """The character vocabulary."""
+        chars = [c for c in self.tokenizer.lab2ind if c not in ("<blank>", "<unk>")]
+        return (f"CTC vocabulary ({len(chars)} characters + blank + unk): "
+                f"{''.join(chars).replace(' ', '␣')}")
+
+    # ------------------------------------------------------------------ tools/benchmark.py
+    benchmark_variants = ("hf", "eager", "sdpa")
+
+    @classmethod
+    def build_random_model(cls, folder, config, texts):
+        """A random-init SSL encoder of ``config`` (``model_type`` + HF config keys)."""
+        config = dict(config)
+        return tiny.build_tiny_encoder(folder, config.pop("model_type"), **config)
+
+    @classmethod
+    def benchmark_overrides(cls, batch_seconds=None, batch_size=None, real_model=False):
+        """The family's part of the benchmark's yaml overrides: the encoder trains from the first
+        step; real-size models with the LibriSpeech recipe's masking and no LayerDrop (its
+        random skips make step times incomparable)."""
+        overrides = {"freeze_encoder_steps": 0}
+        if batch_seconds is not None:
+            overrides["max_batch_seconds"] = batch_seconds
+        if real_model:
+            overrides["encoder_config_overrides"] = {"layerdrop": 0.0, "mask_time_prob": 0.05,
+                                                     "mask_time_length": 10}
+        return overrides
+
+    @staticmethod
+    def padded_size(batch):
+        """What a step's FLOPs scale with: the padded samples."""
+        return batch.sig[0].numel()
+
+    def hf_reference(self, brain, device):
+        """The same weights as a plain transformers ``*ForCTC`` model, and a function from a
+        recipe batch to its inputs (``tools/benchmark.py``'s ``hf`` row)."""
+        hp = self.hparams
+        model = AutoModelForCTC.from_pretrained(
+            self.source, vocab_size=len(self.tokenizer.lab2ind), pad_token_id=hp["blank_index"],
+            ctc_loss_reduction="mean", **dict(hp["encoder_config_overrides"] or
+                                              {"layerdrop": 0.0}))
+        if hp["freeze_cnn"]:
+            model.freeze_feature_encoder()
+
+        def inputs(batch):
+            wavs, lens = batch.sig
+            mask = sb.dataio.dataio.length_to_mask((lens * wavs.shape[1]).round(), wavs.shape[1])
+            tokens, tok_lens = batch.tokens
+            keep = sb.dataio.dataio.length_to_mask((tok_lens * tokens.shape[1]).round(),
+                                                   tokens.shape[1]).bool()
+            return {"input_values": wavs.to(device), "attention_mask": mask.long().to(device),
+                    "labels": tokens.masked_fill(~keep, -100).to(device)}
+
+        # transformers' WavLM attention is eager whatever the config says
+        attention = "eager" if model.config.model_type == "wavlm" else \
+            getattr(model.config, "_attn_implementation", "?")
+        return model, inputs, attention

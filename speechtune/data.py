@@ -1,10 +1,12 @@
 """Data side of every recipe: manifests -> SpeechBrain datasets, audio, vocabularies, batching.
 
-Manifest contract (DESIGN.md): CSV with ``ID,duration,wav,spk_id,wrd`` plus optional group columns;
-``wav`` may start with ``$data_root``; ``duration`` in seconds.
+Manifest contract (docs/design.md): CSV with ``ID,duration,wav,spk_id,wrd`` plus optional group
+columns; ``wav`` may start with ``$data_root``; ``duration`` in seconds. A corpus preparation
+returns its manifests as ``Manifests``.
 """
 
 import csv
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import soundfile as sf
@@ -15,6 +17,18 @@ from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
 REQUIRED_COLUMNS = ("ID", "duration", "wav", "spk_id", "wrd")
+
+
+@dataclass
+class Manifests:
+    """What a corpus preparation returns: one CSV per split (several test sets allowed), and the
+    language of each test set that is not in the run's ``language`` (a held-out English set of a
+    Danish run is decoded and scored as English)."""
+
+    train: str
+    valid: str
+    tests: dict[str, str] = field(default_factory=dict)
+    languages: dict[str, str] = field(default_factory=dict)
 
 
 def load_audio(path, sample_rate: int) -> torch.Tensor:

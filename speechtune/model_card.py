@@ -13,7 +13,7 @@ was written. `model.safetensors` holds the fine-tuned encoder alone (`encoder.*`
 layout, the run's window in `config.json`); the CTC head is `head.ckpt` and the characters
 `tokenizer.ckpt`, both SpeechBrain's. Load it through SpeechBrain as above
 (`speechtune.whisper_models.WhisperEncoder` + `EncoderASR`)."""
-    processor = "Wav2Vec2Processor" if summary["family"] == "ctc" else "WhisperProcessor"
+    processor = summary["processor_class"]
     return f"""transformers:
 
 ```python
@@ -34,7 +34,7 @@ def model_card(summary, out):
                           f"{pct(c['CER'])} |" for c in summary["checkpoints"])
     what = ("the best-WER checkpoint" if len(summary["checkpoints"]) == 1
             else f"the average of the {len(summary['checkpoints'])} best checkpoints by valid WER")
-    sb_class = "EncoderASR" if summary["family"] == "ctc" else "WhisperASR"
+    sb_class = summary["inference_class"]
     tests = "\n".join(f"    {line}" for line in summary["test"]) or "    (none logged)"
     name = Path(out).name
     return f"""# {name}: {summary['family'].upper()} ASR model ({summary['language']})

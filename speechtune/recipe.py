@@ -1,7 +1,10 @@
-"""The shared recipe runner: hparams -> manifests -> pre-flight -> datasets -> Brain -> results.
+"""The shared recipe runner: hparams -> manifests -> the family's setup (with the pre-flight
+checks) -> fit -> test -> results.
 
 A recipe's ``train.py`` only supplies its corpus preparation (``prepare(hparams) -> Manifests``);
-everything else, identical for every corpus, lives here.
+everything else, identical for every corpus, lives here. ``load_hparams`` is the one hparams
+loader of every entry point (train.py, tune_lm.py, tools): it composes the recipe yaml with its
+``defaults`` base, checks the command line, and loads the yaml, which builds no model.
 """
 
 import dataclasses
@@ -9,7 +12,8 @@ import json
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 
 import ruamel.yaml
@@ -17,26 +21,52 @@ import speechbrain as sb
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_broadcast, run_on_main
 
-from speechtune import data
+from speechtune import data, families
 from speechtune.brain import FineTuneBrain
-from speechtune.checkpoints import RNGState
 from speechtune.preflight import Problem, run_preflight
 
 
-@dataclass
-class Manifests:
-    """What a corpus preparation returns: one CSV per split (several test sets allowed), and the
-    language of each test set that is not in the run's ``language`` (a held-out English set of a
-    Danish run is decoded and scored as English)."""
+def compose(hparams_file):
+    """The recipe yaml on top of its ``defaults`` (a base yaml, path relative to the recipe's):
+    the base's top-level keys, each replaced whole by the recipe's where it sets one, then the
+    recipe's own keys. ``!include:`` paths are made absolute (each relative to the file that
+    names it). Returns the composed document (ruamel round-trip), nothing constructed."""
+    path = Path(hparams_file).resolve()
+    rt = ruamel.yaml.YAML(typ="rt")
+    with open(path, encoding="utf-8") as f:
+        doc = rt.load(f)
+    if doc is None:
+        raise ValueError(f"{hparams_file} is empty")
+    _absolute_includes(doc, path.parent)
+    base_name = doc.pop("defaults", None)
+    if base_name is None:
+        return doc
+    base_path = path.parent / str(base_name)
+    if not base_path.is_file():
+        raise FileNotFoundError(f"{hparams_file}: defaults {base_name} ({base_path}) does not "
+                                "exist; give the path of the family's base yaml relative to this "
+                                "file (hparams/ctc.yaml or hparams/whisper.yaml at the top)")
+    composed = compose(base_path)
+    for key, value in doc.items():
+        composed[key] = value
+    return composed
 
-    train: str
-    valid: str
-    tests: dict[str, str] = field(default_factory=dict)
-    languages: dict[str, str] = field(default_factory=dict)
+
+def _absolute_includes(node, folder):
+    tag = getattr(node, "tag", None)
+    value = getattr(tag, "value", None) or ""
+    if value.startswith("!include:") and not Path(value[len("!include:"):]).is_absolute():
+        node.yaml_set_ctag(ruamel.yaml.tag.Tag(
+            suffix="!include:" + str((folder / value[len("!include:"):]).resolve())))
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        _absolute_includes(child, folder)
 
 
-def load_hparams(argv):
-    """Parse ``hparams.yaml [--key=value ...]``, load the yaml, create the output folder.
+def load_hparams(argv, record=True):
+    """Parse ``hparams.yaml [--key=value ...]``, compose the yaml with its ``defaults``, apply the
+    overrides, load it (it declares objects; no model is built) and, with ``record``, create the
+    output folder with the composed, resolved ``hyperparams.yaml`` in it.
 
     ``--key=~/path`` is expanded to the home folder, as the shell does for ``--key ~/path`` but
     not after ``=``: a literal ``~`` folder in the recipe folder is never what was meant."""
@@ -53,16 +83,21 @@ def load_hparams(argv):
         run_opts = dataclasses.replace(run_opts,
                                        optimizer_step_limit=int(run_opts.optimizer_step_limit))
     sb.utils.distributed.ddp_init_group(run_opts)  # under torchrun: one process group per run
-    with open(hparams_file, encoding="utf-8") as f:  # before loading: it builds models there
-        resolved = ruamel.yaml.YAML(typ="rt").load(resolve_references(f, overrides))
-    check_writable(str(resolved["output_folder"]))
-    with open(hparams_file, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, overrides)
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"],
-        hyperparams_to_save=hparams_file,
-        overrides=overrides,
-    )
+    text = StringIO()
+    ruamel.yaml.YAML(typ="rt").dump(compose(hparams_file), text)
+    text.seek(0)
+    resolved = resolve_references(text, overrides).getvalue()
+    # the folder is checked before loading: the checkpointer creates its folder as it loads
+    output_folder = ruamel.yaml.YAML(typ="rt").load(resolved)["output_folder"]
+    if record:
+        check_writable(str(output_folder))
+    hparams = load_hyperpyyaml(resolved)
+    if record:
+        sb.create_experiment_directory(experiment_directory=hparams["output_folder"])
+        if sb.utils.distributed.if_main_process():
+            header = f"# {Path(hparams_file).resolve()} with its defaults, overrides: {overrides}\n"
+            Path(hparams["output_folder"], "hyperparams.yaml").write_text(
+                header + resolved, encoding="utf-8")
     return hparams, run_opts
 
 
@@ -108,6 +143,7 @@ class Experiment:
     valid: object
     tests: dict
     loader_kwargs: dict
+    family: object = None  # the family's setup object (its model source, tokenizer, ...)
 
     def fit(self):
         self.brain.fit(self.brain.hparams.epoch_counter, self.train, self.valid,
@@ -156,15 +192,25 @@ def group_columns(wanted, rows):
     return list(wanted)
 
 
-def build_experiment(hparams, run_opts, prepare, family):
-    """Prepare data, run the pre-flight checks, build datasets and the family's Brain.
+def family_of(hparams, family=None):
+    """The family class of a loaded yaml (its ``family`` key, from the base yaml); ``family``, if
+    given (a recipe's own subclass), must be registered under that name."""
+    registered = families.get(hparams["family"])
+    if family is None:
+        return registered
+    if not issubclass(family, registered):
+        raise ValueError(f"{family.__name__} is not a {hparams['family']} family, which the "
+                         f"yaml's family key names: pass a subclass of {registered.__name__}")
+    return family
 
-    ``family`` (``speechtune.ctc.CTCFamily``, ``speechtune.whisper.WhisperFamily``) supplies what
-    differs between model families: texts, tokenizer, label checks, pipelines, modules.
-    """
+
+def build_experiment(hparams, run_opts, prepare, family=None):
+    """Prepare data, read the manifests, drop training utterances outside the duration limits,
+    then run the family's ordered ``setup`` (``speechtune.family``), the pre-flight checks
+    between its tokenizer and its datasets."""
     run_on_main(prepare, args=[hparams])  # writes manifests once (DDP-safe)
     manifests = prepare(hparams)  # on every process: finds the manifests written above
-    setup = family(hparams)
+    setup = family_of(hparams, family)(hparams)
 
     paths = {"train": manifests.train, "valid": manifests.valid, **manifests.tests}
     rows = {split: data.read_manifest(path, hparams["data_folder"])
@@ -175,42 +221,27 @@ def build_experiment(hparams, run_opts, prepare, family):
     rows["train"] = {i: r for i, r in rows["train"].items() if i not in outside}
     groups = group_columns(hparams["group_columns"], rows)
     languages = {split: manifests.languages.get(split, hparams["language"]) for split in rows}
-    # references ("words") and targets, normalised as the family says for each split's language
-    setup.set_texts(rows, languages)
-    vocab = setup.build_tokenizer(rows["train"])
-    dropped = run_preflight(
-        {split: list(split_rows.values()) for split, split_rows in rows.items()},
-        vocab, setup.label_check(), mode=hparams["preflight"],
-        max_oov_rate=hparams["preflight_max_oov_rate"],
-        report_path=Path(hparams["output_folder"]) / "preflight_report.tsv",
-        excluded=[Problem("train", i, "outside_duration_limits",
-                          f"{d:.3f} s, not within [{lo}, {hi}] s (min_duration, max_duration)")
-                  for i, d in sorted(outside.items())],
-    )
 
-    datasets = {
-        split: data.make_dataset({i: r for i, r in split_rows.items() if i not in dropped[split]},
-                                 sort_by_duration=split != "train")
-        for split, split_rows in rows.items()
-    }
-    train, valid = datasets.pop("train"), datasets.pop("valid")
-    tests = datasets
-    setup.add_pipelines([train, valid, *tests.values()])
+    def preflight(chars, label_check):
+        return run_preflight(
+            {split: list(split_rows.values()) for split, split_rows in rows.items()},
+            chars, label_check, mode=hparams["preflight"],
+            max_oov_rate=hparams["preflight_max_oov_rate"],
+            report_path=Path(hparams["output_folder"]) / "preflight_report.tsv",
+            excluded=[Problem("train", i, "outside_duration_limits",
+                              f"{d:.3f} s, not within [{lo}, {hi}] s (min_duration, "
+                              "max_duration)") for i, d in sorted(outside.items())])
 
-    # a resumed run draws what the uninterrupted one would have (checkpoints of runs from before
-    # this was recorded resume without it)
-    hparams["checkpointer"].add_recoverable("rng", RNGState(), optional_load=True)
-    brain = setup.brain_class(modules=setup.modules(), hparams=hparams, run_opts=run_opts,
-                              checkpointer=hparams["checkpointer"])
+    built = setup.setup(rows, languages, run_opts, preflight)
+    brain = built.brain
     run_on_main(record_run, args=[hparams, setup, brain.optimizer_step_limit])
-    brain.split_languages = languages
-    setup.configure(brain)
     brain.groups = {split: {i: {c: r.get(c, "") for c in groups} for i, r in split_rows.items()}
                     for split, split_rows in rows.items() if split != "train"} if groups else None
-    loader_kwargs = {"train": _loader_kwargs(hparams, train, "train"),
-                     "valid": _loader_kwargs(hparams, valid, "valid")}
-    loader_kwargs.update({name: _loader_kwargs(hparams, ds, "test") for name, ds in tests.items()})
-    return Experiment(brain, train, valid, tests, loader_kwargs)
+    loader_kwargs = {"train": _loader_kwargs(hparams, built.train, "train"),
+                     "valid": _loader_kwargs(hparams, built.valid, "valid")}
+    loader_kwargs.update({name: _loader_kwargs(hparams, ds, "test")
+                          for name, ds in built.tests.items()})
+    return Experiment(brain, built.train, built.valid, built.tests, loader_kwargs, setup)
 
 
 def record_run(hparams, setup, step_limit):
@@ -231,9 +262,9 @@ def record_run(hparams, setup, step_limit):
     setup.save_model_files(Path(hparams["save_folder"]) / "model_files")
 
 
-def run(argv, prepare, family):
+def run(argv, prepare, family=None):
     """Train and test a recipe. ``prepare(hparams)`` returns the corpus ``Manifests``;
-    ``family`` is the model family's setup class (``CTCFamily``, ``WhisperFamily``)."""
+    ``family``: a subclass of the yaml's family (default: the registered class itself)."""
     hparams, run_opts = load_hparams(argv)
     experiment = build_experiment(hparams, run_opts, prepare, family)
     zero_shot = experiment.zero_shot() if hparams["zero_shot"] else {}

@@ -5,24 +5,30 @@ checkpoints) is ``speechtune.brain.FineTuneBrain``. This module adds the teacher
 the NLL loss, greedy (valid) and beam (test) decoding with SpeechBrain's Whisper searchers, and
 the family's recipe setup (prefix tokens, text normalisation, pre-flight window/position checks).
 
-Keys read here besides the shared ones: ``whisper`` (``speechtune.whisper_models.Whisper``),
-``whisper_hub``, ``language``, ``augmenter`` (``null`` = none), ``speeds``, ``freeze_encoder``,
-``whisper_opt_class``, ``whisper_lr_scheduler``, ``label_smoothing``, ``normalize_targets``,
-``valid_search``, ``test_search``, ``sample_rate``, ``encoder_cache``.
+Keys read here besides the shared ones (``hparams/whisper.yaml`` declares them all): ``model``
+(the source), ``whisper`` (``speechtune.whisper_models.Whisper``, built with that source),
+``window_seconds``, ``language``, ``augmenter`` (``null`` = none), ``speeds``,
+``freeze_encoder``, ``optim`` group ``whisper``, ``label_smoothing``, ``normalize_targets``,
+``valid_search`` and ``test_search`` (SpeechBrain searchers, built on the model),
+``sample_rate``, ``encoder_cache``. The export is ``speechtune.whisper_export``.
 """
 
-import json
-import os
+import inspect
 from pathlib import Path
 
 import speechbrain as sb
 import torch
+from transformers import WhisperForConditionalGeneration
 from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-from speechtune import data
+from speechtune import data, packaged, tiny
 from speechtune.brain import FineTuneBrain
+from speechtune.encoder_cache import EncoderCache
+from speechtune.family import Family
 from speechtune.preflight import seq2seq_label_check, speed_length_factors
 from speechtune.text import get_normalizer
+from speechtune.whisper_export import export_whisper
 
 
 class WhisperBrain(FineTuneBrain):
@@ -32,6 +38,7 @@ class WhisperBrain(FineTuneBrain):
     # AdamW skips it until ``freeze_encoder_steps`` unfreezes it
     encoder_group = None
     encoder_cache = None  # an ``EncoderCache`` when the yaml asks for one (set by the family)
+    valid_search = test_search = None  # the searchers, set by the family
 
     @property
     def encoder_frozen(self):
@@ -53,7 +60,7 @@ class WhisperBrain(FineTuneBrain):
             language = self.split_languages.get(self.test_split, language)
         token = None if language == self.hparams.language else \
             self.tokenizer.convert_tokens_to_ids(f"<|{language}|>")
-        for searcher in (self.hparams.valid_search, self.hparams.test_search):
+        for searcher in (self.valid_search, self.test_search):
             searcher.set_lang_tokens(token)
         self.score_normalize = self.score_normalizers[language]
 
@@ -86,9 +93,9 @@ class WhisperBrain(FineTuneBrain):
         log_probs = logits.float().log_softmax(dim=-1)
         hyps = None
         if stage == sb.Stage.VALID:
-            hyps, _, _, _ = self.hparams.valid_search(enc.detach(), wav_lens)
+            hyps, _, _, _ = self.valid_search(enc.detach(), wav_lens)
         elif stage == sb.Stage.TEST:
-            hyps, _, _, _ = self.hparams.test_search(enc.detach(), wav_lens)
+            hyps, _, _, _ = self.test_search(enc.detach(), wav_lens)
         return log_probs, hyps
 
     def compute_objectives(self, predictions, batch, stage):
@@ -110,62 +117,6 @@ class WhisperBrain(FineTuneBrain):
         return loss
 
 
-class EncoderCache:
-    """Outputs of a frozen Whisper encoder by utterance id, so that the encoder no longer runs
-    after the first epoch (and, in validation, after the first validation).
-
-    ``where``: ``memory`` (host RAM: about 2.3 MB per utterance for whisper-small in bf16, 3.1 MB
-    for medium) or a folder (one file per utterance, written atomically; DDP processes share it).
-    A folder records the model it was filled by and refuses another. Only valid while the encoder
-    output depends on nothing but the utterance: frozen encoder, no waveform augmentation (the
-    family checks both).
-    """
-
-    def __init__(self, where, model_id):
-        self.memory = {} if where == "memory" else None
-        self.folder = None if where == "memory" else Path(where)
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            stamp = self.folder / "model.json"
-            if stamp.exists() and json.loads(stamp.read_text()) != model_id:
-                raise ValueError(
-                    f"encoder_cache folder {self.folder} holds outputs of "
-                    f"{json.loads(stamp.read_text())}, not of {model_id}: delete it or pass "
-                    "another --encoder_cache folder.")
-            stamp.write_text(json.dumps(model_id))
-
-    def _path(self, utt_id, dtype):
-        return self.folder / str(dtype).removeprefix("torch.") / f"{utt_id}.pt"
-
-    def get(self, ids, dtype, device):
-        """The batch's cached outputs on ``device``, or None unless every utterance is cached."""
-        if self.memory is not None:
-            found = [self.memory.get((i, dtype)) for i in ids]
-            if any(t is None for t in found):
-                return None
-        else:  # read nothing unless the whole batch is there (the first epoch fills it)
-            paths = [self._path(i, dtype) for i in ids]
-            if not all(p.exists() for p in paths):
-                return None
-            found = [torch.load(p) for p in paths]
-        # copy each to the device and stack there: stacking on the host first costs a
-        # batch-sized copy in this (the training) process; the whisper-small step on an H100
-        # was 3.3x slower that way (tools/benchmark_results/h100, runs 1 and 2)
-        return torch.stack([t.to(device, non_blocking=True) for t in found])
-
-    def put(self, ids, encoded):
-        """Store each utterance's output (a (frames, dim) tensor, on the CPU)."""
-        for utt_id, out in zip(ids, encoded.cpu(), strict=True):
-            if self.memory is not None:
-                self.memory[(utt_id, out.dtype)] = out.clone()
-                continue
-            path = self._path(utt_id, out.dtype)
-            path.parent.mkdir(exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(out.clone(), tmp)
-            os.replace(tmp, path)  # atomic: a reader never sees half a file
-
-
 def scoring_normalizer(language, tokenizer):
     """Text normalisation for WER/CER: Whisper's English normaliser for English (with the
     tokenizer's British-to-American spelling map when it has one), the language's registry
@@ -175,42 +126,65 @@ def scoring_normalizer(language, tokenizer):
     return get_normalizer(language)
 
 
-class WhisperFamily:
-    """Recipe setup of the Whisper family (used by ``speechtune.recipe.build_experiment``)."""
+class WhisperFamily(Family):
+    """The Whisper family: encoder-decoder, decoder trained by NLL (``speechtune.family`` for the
+    order of the steps)."""
 
-    brain_class = WhisperBrain
     name = "whisper"
+    brain_class = WhisperBrain
+    inference_class = "WhisperASR"
+    processor_class = "WhisperProcessor"
+    summary = "a Whisper encoder-decoder, NLL"
+    language_use = "text normaliser (speechtune.text registry) and Whisper language token"
 
     def __init__(self, hparams):
-        self.hparams = hparams
-        self.whisper = hparams["whisper"]
-        self.tokenizer = self.whisper.tokenizer
-        language = hparams["language"]
-        if not self.whisper.is_multilingual and language != "en":
-            raise ValueError(
-                f"language={language}, but {hparams['whisper_hub']} is an English-only Whisper "
-                "(no language token). Use a multilingual model, e.g. "
-                "--whisper_hub=openai/whisper-small.")
-        if self.whisper.is_multilingual and self.whisper.language != language:
-            raise ValueError(f"whisper.language={self.whisper.language} but language={language}: "
-                             "pass language: !ref <language> to the Whisper wrapper in the yaml.")
+        super().__init__(hparams)
         if hparams["freeze_encoder"] and hparams["freeze_encoder_steps"] != 0:
             raise ValueError(
                 f"freeze_encoder_steps={hparams['freeze_encoder_steps']} has no effect with "
                 "freeze_encoder: True (the encoder never trains). To train it after N steps, "
                 "pass --freeze_encoder=False --freeze_encoder_steps=N.")
+        self.whisper = self.tokenizer = self.prefix = self.encoder_cache = None
+        self.searchers = {}
+        self.score_normalizers = {}  # by language: every split's (set_texts)
+
+    def build_model(self, train_texts):
+        """The ``whisper`` wrapper on the ``model`` source (a ``tiny:`` preset built first, its
+        BPE trained on the normalised training text), and the searchers on it; then the checks
+        that need the model: language, decoding lengths, encoder cache."""
+        hp = self.hparams
+        language = hp["language"]
+        normalize = get_normalizer(language)
+        self.source = source = tiny.resolve_source(
+            hp["model"], Path(hp["output_folder"]) / "tiny_model", "whisper",
+            texts=[normalize(t) for t in train_texts], window_seconds=hp["window_seconds"])
+        self.whisper = hp["whisper"](source=source)
+        if source != str(hp["model"]):
+            self.whisper.source = str(hp["model"])
+        self.tokenizer = self.whisper.tokenizer
+        if not self.whisper.is_multilingual and language != "en":
+            raise ValueError(
+                f"language={language}, but {hp['model']} is an English-only Whisper "
+                "(no language token). Use a multilingual model, e.g. "
+                "--model=openai/whisper-small.")
+        if self.whisper.is_multilingual and self.whisper.language != language:
+            raise ValueError(f"whisper.language={self.whisper.language} but language={language}: "
+                             "pass language: !ref <language> to the Whisper wrapper in the yaml.")
+        # SpeechBrain's greedy searcher takes the model, its beam searcher a one-module list
+        self.searchers = {
+            key: hp[key](module=[self.whisper]) if "module" in inspect.signature(hp[key]).parameters
+            else hp[key](model=self.whisper) for key in ("valid_search", "test_search")}
         self.prefix = list(self.tokenizer.prefix_tokens)
         self._check_decode_lengths()
         self.encoder_cache = self._encoder_cache()
-        self.score_normalizers = {}  # by language: every split's (set_texts)
 
     def _check_decode_lengths(self):
         """Searchers stop after ``encoder frames * max_decode_ratio`` tokens: those must fit the
         decoder's positions after the prefix (else decoding fails deep into a run)."""
         config = self.whisper.model.config
         frames, positions = config.max_source_positions, config.max_target_positions
-        for key in ("valid_search", "test_search"):
-            ratio = self.hparams[key].max_decode_ratio
+        for key, searcher in self.searchers.items():
+            ratio = searcher.max_decode_ratio
             if len(self.prefix) + int(frames * ratio) > positions:
                 raise ValueError(
                     f"{key}: max_decode_ratio={ratio} lets it write {int(frames * ratio)} tokens "
@@ -228,7 +202,7 @@ class WhisperFamily:
                 f"encoder_cache={where} needs the same encoder output for an utterance in every "
                 "epoch: pass --freeze_encoder=True and --augmenter=null (waveform augmentation "
                 "changes the input), or --encoder_cache=null.")
-        model_id = {"whisper_hub": str(self.hparams["whisper_hub"]),
+        model_id = {"whisper_hub": str(self.hparams["model"]),
                     "window_seconds": self.whisper.window_seconds}
         return EncoderCache(where, model_id)
 
@@ -238,11 +212,13 @@ class WhisperFamily:
         brain.score_normalizers = self.score_normalizers
         brain.score_normalize = self.score_normalizers[self.hparams["language"]]
         brain.encoder_cache = self.encoder_cache
+        brain.valid_search = self.searchers["valid_search"]
+        brain.test_search = self.searchers["test_search"]
 
     def inference_settings(self):
         """What an exported model needs besides its weights: language, task and the test
         searcher's settings (``tools/checkpoints.py export``)."""
-        search = self.hparams["test_search"]
+        search = self.searchers["test_search"]
         settings = {"beam_size": getattr(search, "beam_size", 1)}
         for key in ("min_decode_ratio", "max_decode_ratio", "length_normalization",
                     "using_eos_threshold", "eos_threshold"):
@@ -273,7 +249,7 @@ class WhisperFamily:
             language = languages[split]
             if language != self.hparams["language"] and not self.whisper.is_multilingual:
                 raise ValueError(f"test set {split} is in {language}, but "
-                                 f"{self.hparams['whisper_hub']} is an English-only Whisper")
+                                 f"{self.hparams['model']} is an English-only Whisper")
             if language not in self.score_normalizers:
                 self.score_normalizers[language] = scoring_normalizer(language, self.tokenizer)
             score, target = self.score_normalizers[language], get_normalizer(language)
@@ -323,3 +299,64 @@ class WhisperFamily:
     def modules(self):
         """The Brain's modules: the Whisper wrapper (encoder and decoder)."""
         return {"whisper": self.whisper}
+
+    @classmethod
+    def export(cls, save, ckpts, info, out):
+        """``speechtune.whisper_export.export_whisper``."""
+        return export_whisper(save, ckpts, info, out)
+
+    @classmethod
+    def check_language(cls, language):
+        """Whisper must have a language token for it."""
+        if language not in LANGUAGES:
+            raise ValueError(f"Whisper has no language token for '{language}'; Whisper recipes "
+                             f"need one of: {', '.join(sorted(LANGUAGES))}")
+
+    def setup_summary(self):
+        """The decoder's prefix tokens."""
+        tokens = self.tokenizer.convert_ids_to_tokens(self.tokenizer.prefix_tokens)
+        return f"Whisper prefix: {''.join(tokens)}"
+
+    # ------------------------------------------------------------------ tools/benchmark.py
+    benchmark_variants = ("hf", "recipe", "cache")
+
+    @classmethod
+    def build_random_model(cls, folder, config, texts):
+        """A random-init Whisper of ``config``, its BPE (2000 tokens) trained on ``texts``."""
+        config = {k: v for k, v in config.items() if k != "model_type"}
+        return tiny.build_tiny_whisper(folder, texts, bpe_vocab_size=2000, **config)
+
+    @classmethod
+    def benchmark_overrides(cls, batch_seconds=None, batch_size=None, real_model=False):
+        """The family's part of the benchmark's yaml overrides: the LibriSpeech recipes' frozen
+        encoder (and so the encoder cache's setting), fixed-size batches when asked."""
+        overrides = {"max_duration": 28.0, "freeze_encoder": True, "freeze_encoder_steps": 0}
+        if batch_size is not None:
+            overrides.update({"batch_size": batch_size, "dynamic_batching": False})
+        return overrides
+
+    @staticmethod
+    def padded_size(batch):
+        """What a step's FLOPs scale with: the windows (each utterance fills the same one)."""
+        return batch.sig[0].shape[0]
+
+    def hf_reference(self, brain, device):
+        """The same weights as a plain ``WhisperForConditionalGeneration``, and a function from
+        a recipe batch to its inputs (log-mel features made ready beforehand)."""
+        model = WhisperForConditionalGeneration.from_pretrained(packaged.resolve(self.source))
+        if self.hparams["freeze_encoder"]:
+            model.model.encoder.requires_grad_(False)
+        whisper, pad_id = self.whisper, self.tokenizer.pad_token_id
+
+        def inputs(batch):
+            with torch.no_grad():  # log-mel features: the HF loop gets them ready-made
+                feats = whisper._get_mel(batch.sig[0].to(device))
+            bos, bos_lens = batch.tokens_bos
+            eos, _ = batch.tokens_eos
+            keep = sb.dataio.dataio.length_to_mask((bos_lens * bos.shape[1]).round(),
+                                                   bos.shape[1]).bool()
+            return {"input_features": feats,
+                    "decoder_input_ids": bos.masked_fill(~keep, pad_id).to(device),
+                    "labels": eos.masked_fill(~keep, -100).to(device)}
+
+        return model, inputs, getattr(model.config, "_attn_implementation", "?")

@@ -44,14 +44,10 @@ import soundfile as sf
 import speechbrain as sb
 import torch
 import yaml
-from hyperpyyaml import load_hyperpyyaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from speechtune.ctc import CTCFamily
-from speechtune.data import write_manifest
-from speechtune.models import build_tiny_encoder, build_tiny_whisper
-from speechtune.recipe import Manifests, build_experiment
-from speechtune.whisper import WhisperFamily
+from speechtune.data import Manifests, write_manifest
+from speechtune.recipe import build_experiment, family_of, load_hparams
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = REPO / "recipes" / "Synthetic" / "data"
@@ -62,30 +58,31 @@ _SSL_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads
               "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
               "feat_extract_norm": "layer", "do_stable_layer_norm": True,
               "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16}
-# name -> (family, recipe yaml, model config); real sizes are those of the hub models' configs
+# name -> (recipe yaml, model config); real sizes are those of the hub models' configs; the
+# family is the yaml's
 MODELS = {
-    "wavlm-large": ("ctc", "LibriSpeech/CTC/hparams/wavlm_large.yaml",
+    "wavlm-large": ("LibriSpeech/CTC/hparams/wavlm_large.yaml",
                     {"model_type": "wavlm", "conv_bias": False, **_SSL_LARGE}),
-    "wav2vec2-large": ("ctc", "LibriSpeech/CTC/hparams/wavlm_large.yaml",
+    "wav2vec2-large": ("LibriSpeech/CTC/hparams/wavlm_large.yaml",
                        {"model_type": "wav2vec2", "conv_bias": True, **_SSL_LARGE}),
-    "whisper-small": ("whisper", "LibriSpeech/Whisper/hparams/whisper_small_en.yaml",
+    "whisper-small": ("LibriSpeech/Whisper/hparams/whisper_small_en.yaml",
                       {"multilingual": False, "d_model": 768, "encoder_layers": 12,
                        "decoder_layers": 12, "encoder_attention_heads": 12,
                        "decoder_attention_heads": 12, "encoder_ffn_dim": 3072,
                        "decoder_ffn_dim": 3072, "num_mel_bins": 80}),
-    "whisper-medium": ("whisper", "LibriSpeech/Whisper/hparams/whisper_medium_en.yaml",
+    "whisper-medium": ("LibriSpeech/Whisper/hparams/whisper_medium_en.yaml",
                        {"multilingual": False, "d_model": 1024, "encoder_layers": 24,
                         "decoder_layers": 24, "encoder_attention_heads": 16,
                         "decoder_attention_heads": 16, "encoder_ffn_dim": 4096,
                         "decoder_ffn_dim": 4096, "num_mel_bins": 80}),
-    "whisper-large-v3": ("whisper", "LibriSpeech/Whisper/hparams/whisper_medium_en.yaml",
+    "whisper-large-v3": ("LibriSpeech/Whisper/hparams/whisper_medium_en.yaml",
                          {"multilingual": True, "d_model": 1280, "encoder_layers": 32,
                           "decoder_layers": 32, "encoder_attention_heads": 20,
                           "decoder_attention_heads": 20, "encoder_ffn_dim": 5120,
                           "decoder_ffn_dim": 5120, "num_mel_bins": 128}),
     # CPU baselines: the bundled recipes' own tiny models
-    "wavlm-tiny": ("ctc", "Synthetic/CTC/hparams/wavlm_tiny.yaml", None),
-    "whisper-tiny": ("whisper", "Synthetic/Whisper/hparams/whisper_tiny.yaml", None),
+    "wavlm-tiny": ("Synthetic/CTC/hparams/wavlm_tiny.yaml", None),
+    "whisper-tiny": ("Synthetic/Whisper/hparams/whisper_tiny.yaml", None),
 }
 # variant -> (yaml overrides, run_opts)
 VARIANTS = {
@@ -144,50 +141,44 @@ def prepare_fixed(train, valid):
 
 
 # ---------------------------------------------------------------------------- models
+def yaml_family(yaml_path):
+    """The family class of a recipe yaml (its ``family`` key)."""
+    hparams, _ = load_hparams([str(REPO / "recipes" / yaml_path), "--output_folder=unused"],
+                              record=False)
+    return family_of(hparams)
+
+
 def build_model(family, config, folder, texts):
     """A random-init model of real size in HF format (built once per ``folder``)."""
     folder = Path(folder)
     if (folder / "config.json").exists():
         return str(folder)
-    config = dict(config)
-    if family == "ctc":
-        return build_tiny_encoder(folder, config.pop("model_type"), **config)
-    return build_tiny_whisper(folder, texts, bpe_vocab_size=2000, **config)
+    return family.build_random_model(folder, config, texts)
 
 
-def experiment_for(args, family, yaml_path, overrides, run_opts, out):
+def experiment_for(args, yaml_path, overrides, run_opts, out):
     """Load the recipe yaml with ``overrides`` and build its experiment like ``train.py``."""
-    with open(REPO / "recipes" / yaml_path, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, {"output_folder": str(out), **overrides})
+    argv = [str(REPO / "recipes" / yaml_path), f"--output_folder={out}",
+            *(f"--{k}={json.dumps(v)}" for k, v in overrides.items())]
+    hparams, _ = load_hparams(argv, record=False)
     Path(out).mkdir(parents=True, exist_ok=True)
-    fam = CTCFamily if family == "ctc" else WhisperFamily
     return build_experiment(hparams, {"device": args.device, **run_opts},
-                            prepare_fixed(args.train_manifest, args.valid_manifest), fam)
+                            prepare_fixed(args.train_manifest, args.valid_manifest))
 
 
 def base_overrides(args, family, model_dir):
     """What every variant sets: data, model, precision, one batch per optimizer step, batch
-    size, augmentation on/off, no layer drop (its random skips make step times incomparable)."""
+    size, augmentation on/off, and the family's own (``benchmark_overrides``)."""
     gpu = args.device.startswith("cuda")
     o = {"data_folder": str(SYNTHETIC), "number_of_epochs": 1, "grad_accumulation_factor": 1,
          "precision": "bf16" if gpu else "fp32", "num_workers": args.num_workers,
          "preflight": "skip", "min_duration": 0.0, "max_duration": 30.0}
     if not args.augment:
         o["augmenter"] = None
-    if family == "ctc":
-        o["freeze_encoder_steps"] = 0
-        if args.batch_seconds is not None:
-            o["max_batch_seconds"] = args.batch_seconds
-        if model_dir is not None:
-            o.update({"encoder_hub": str(model_dir), "build_tiny_encoder": False,
-                      "encoder_config_overrides": {"layerdrop": 0.0, "mask_time_prob": 0.05,
-                                                   "mask_time_length": 10}})
-    else:  # the frozen-encoder setting of the LibriSpeech recipes (and of the cache)
-        o.update({"max_duration": 28.0, "freeze_encoder": True, "freeze_encoder_steps": 0})
-        if args.batch_size is not None:
-            o.update({"batch_size": args.batch_size, "dynamic_batching": False})
-        if model_dir is not None:
-            o["whisper_hub"] = str(model_dir)
+    o.update(family.benchmark_overrides(args.batch_seconds, args.batch_size,
+                                        real_model=model_dir is not None))
+    if model_dir is not None:
+        o["model"] = str(model_dir)
     if args.num_workers is None:
         del o["num_workers"]
     return o
@@ -206,12 +197,6 @@ def speech_seconds(batch):
 def padding_fraction(batch):
     """Share of the batch's samples that are padding (SpeechBrain relative lengths)."""
     return 1.0 - float(batch.sig[1].mean())
-
-
-def padded_size(batch, family):
-    """What a step's FLOPs scale with: padded samples (CTC) or windows (Whisper: each utterance
-    fills the same encoder window)."""
-    return batch.sig[0].numel() if family == "ctc" else batch.sig[0].shape[0]
 
 
 def count_flops(step, batch):
@@ -260,47 +245,15 @@ def profile_table(step, batches, device, path):
                           encoding="utf-8")
 
 
-def hf_step_fn(exp, family, model_dir, args):
-    """A plain transformers training step on a recipe batch (same model weights, same inputs)."""
-    from transformers import AutoModelForCTC, WhisperForConditionalGeneration
-
+def hf_step_fn(exp, args):
+    """A plain transformers training step on a recipe batch (same model weights, same inputs:
+    the family's ``hf_reference``)."""
     device, gpu = args.device, args.device.startswith("cuda")
-    hp = exp.brain.hparams
-    if family == "ctc":
-        vocab = len(exp.brain.tokenizer.lab2ind)
-        model = AutoModelForCTC.from_pretrained(
-            model_dir, vocab_size=vocab, pad_token_id=hp.blank_index, ctc_loss_reduction="mean",
-            **dict(getattr(hp, "encoder_config_overrides", None) or {"layerdrop": 0.0}))
-        if hp.freeze_cnn:
-            model.freeze_feature_encoder()
-    else:
-        model = WhisperForConditionalGeneration.from_pretrained(model_dir)
-        if hp.freeze_encoder:
-            model.model.encoder.requires_grad_(False)
+    model, inputs, attention = exp.family.hf_reference(exp.brain, device)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=gpu)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
-    whisper = exp.brain.modules.whisper if family == "whisper" else None
-    pad_id = exp.brain.tokenizer.pad_token_id if family == "whisper" else None
-
-    def inputs(batch):
-        wavs, lens = batch.sig
-        mask = sb.dataio.dataio.length_to_mask((lens * wavs.shape[1]).round(), wavs.shape[1])
-        if family == "ctc":
-            tokens, tok_lens = batch.tokens
-            keep = sb.dataio.dataio.length_to_mask((tok_lens * tokens.shape[1]).round(),
-                                                   tokens.shape[1]).bool()
-            return {"input_values": wavs.to(device), "attention_mask": mask.long().to(device),
-                    "labels": tokens.masked_fill(~keep, -100).to(device)}
-        with torch.no_grad():  # log-mel features: the HF loop gets them ready-made
-            feats = whisper._get_mel(wavs.to(device))
-        bos, bos_lens = batch.tokens_bos
-        eos, _ = batch.tokens_eos
-        keep = sb.dataio.dataio.length_to_mask((bos_lens * bos.shape[1]).round(),
-                                               bos.shape[1]).bool()
-        return {"input_features": feats, "decoder_input_ids": bos.masked_fill(~keep, pad_id)
-                .to(device), "labels": eos.masked_fill(~keep, -100).to(device)}
 
     def step(prepared):
         with autocast:
@@ -310,9 +263,6 @@ def hf_step_fn(exp, family, model_dir, args):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    attention = getattr(model.config, "_attn_implementation", "?")
-    if family == "ctc" and model.config.model_type == "wavlm":
-        attention = "eager"  # transformers' WavLM attention is eager whatever the config says
     return step, inputs, attention, model
 
 
@@ -374,13 +324,8 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
         torch.cuda.reset_peak_memory_stats()
     overrides, run_opts = ({}, {}) if variant == "hf" else VARIANTS[variant]
     out = Path(workdir) / "runs" / f"{args.model}_{variant}"
-    exp = experiment_for(args, family, yaml_path, {**base_overrides(args, family, model_dir),
-                                                   **args.set, **overrides}, run_opts, out)
-    if model_dir is not None:
-        model_source = model_dir
-    else:  # the recipe's own tiny model
-        hp = exp.brain.hparams
-        model_source = hp.encoder_source if family == "ctc" else hp.whisper_source
+    exp = experiment_for(args, yaml_path, {**base_overrides(args, family, model_dir),
+                                           **args.set, **overrides}, run_opts, out)
     batches = train_batches(exp, n + 1)  # + 1: the FLOP-counting step
     row = {"run": args.run_id, "model": args.model, "variant": variant, "set": args.set,
            "device": device_name(args.device), "data": args.data, "steps": args.steps,
@@ -390,7 +335,7 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
            "padding_max": max(padding_fraction(b) for b in batches[1:])}
     counted = batches[0]
     if variant == "hf":
-        step, inputs, row["attention"], model = hf_step_fn(exp, family, model_source, args)
+        step, inputs, row["attention"], model = hf_step_fn(exp, args)
         prepared = [inputs(b) for b in batches]
         flops = count_flops(step, prepared[0])
         by_id = {id(p): b for p, b in zip(prepared, batches, strict=True)}
@@ -421,7 +366,8 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
     row["step_ms"] = 1000 * seconds / args.steps
     row["warmup_s"] = warm
     if flops is not None:
-        scale = sum(padded_size(b, family) for b in timed_batches) / padded_size(counted, family)
+        size = family.padded_size
+        scale = sum(size(b) for b in timed_batches) / size(counted)
         row["tflops"] = flops * scale / seconds / 1e12
         row["gflop_per_speech_s"] = flops * scale / speech / 1e9
         peak = peak_flops(args.device)
@@ -503,13 +449,14 @@ def main(argv=None):
     args.set = dict(_key_value(item) for item in args.set)
     logging.basicConfig(level=logging.WARNING)
 
-    family, yaml_path, config = MODELS[args.model]
+    yaml_path, config = MODELS[args.model]
+    family = yaml_family(yaml_path)
     tiny = config is None
     args.data = args.data or ("bundled" if tiny else "librispeech-like")
     if not tiny:  # the issue's reference batches: 16 x 12.5 s (CTC), 32 windows (Whisper)
         args.batch_seconds = args.batch_seconds or 200
         args.batch_size = args.batch_size or 32
-    default = ["hf", "eager", "sdpa"] if family == "ctc" else ["hf", "recipe", "cache"]
+    default = list(family.benchmark_variants)
     if args.model == "wav2vec2-large":
         default = ["hf", "recipe"]
     variants = args.variants.split(",") if args.variants else default

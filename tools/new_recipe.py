@@ -34,9 +34,19 @@ import time
 from datetime import date
 from pathlib import Path
 
+from speechtune.data import write_manifest
+from speechtune.preflight import PreflightError
+from speechtune.prepare.custom import (
+    ManifestError,
+    columns,
+    contract_rows,
+    prepare_custom,
+    read_rows,
+)
+from speechtune.recipe import build_experiment, family_of, load_hparams
+from speechtune.text import get_normalizer
+
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = {"CTCFamily": ("speechtune.ctc", "CTCBrain"),
-            "WhisperFamily": ("speechtune.whisper", "WhisperBrain")}
 SPLITS = ("train", "valid", "test")
 # other preparations' keys (extra_tests: the bundled corpus's further test sets)
 CORPUS_KEYS = ("manifest_folder", "train_splits", "dev_splits", "test_splits", "extra_tests")
@@ -54,16 +64,12 @@ def say(message):
 
 
 def source_recipe(path, hparams_name):
-    """The source recipe folder, its family class name and its hparams file."""
+    """The source recipe folder, its family class (its yaml's ``family``) and its hparams file."""
     folder = Path(path).resolve()
     available = sorted(str(p.parent.relative_to(REPO)) for p in REPO.glob("recipes/*/*/train.py"))
     if not (folder / "train.py").is_file() or not (folder / "hparams").is_dir():
         raise RecipeError(f"--from {path}: not a recipe (a folder with train.py and hparams/). "
                           f"Recipes: {', '.join(available)}")
-    families = set(re.findall(r"\b(CTCFamily|WhisperFamily)\b", (folder / "train.py").read_text()))
-    if len(families) != 1:
-        raise RecipeError(f"--from {path}: its train.py names no model family (CTCFamily or "
-                          f"WhisperFamily). Recipes: {', '.join(available)}")
     yamls = sorted(p.name for p in (folder / "hparams").glob("*.yaml"))
     if hparams_name is None and len(yamls) == 1:
         hparams_name = yamls[0]
@@ -73,13 +79,14 @@ def source_recipe(path, hparams_name):
     if hparams_name not in yamls:
         given = "no --hparams" if hparams_name is None else f"--hparams {hparams_name}"
         raise RecipeError(f"{given}: pass one of {yamls} (in {path}/hparams)")
-    return folder, families.pop(), folder / "hparams" / hparams_name
+    src_yaml = folder / "hparams" / hparams_name
+    hparams, _ = load_hparams([str(src_yaml), "--output_folder=unused", "--data_folder=unused"],
+                              record=False)
+    return folder, family_of(hparams), src_yaml
 
 
 def corpus_manifests(corpus, out):
     """``{split: manifest path}`` of ``--corpus`` (a single manifest is split into ``out/data``)."""
-    from speechtune.data import write_manifest
-    from speechtune.prepare.custom import contract_rows
 
     corpus = Path(corpus).resolve()
     if corpus.is_file():
@@ -135,7 +142,6 @@ def corpus_manifests(corpus, out):
 def data_root(manifests):
     """What ``$data_root`` in the manifests stands for: the first of the train manifest's folder
     and its two parents where the first such audio path exists (else that folder)."""
-    from speechtune.prepare.custom import read_rows
 
     train = Path(manifests["train"])
     for _, row in read_rows(train):
@@ -178,10 +184,9 @@ def new_yaml(src_yaml, out_yaml, family, language, manifests, root, name, recipe
     start = next(i for i, line in enumerate(lines) if not line.startswith("#"))
     rel = {s: relative(p, out_yaml.parent.parent) for s, p in manifests.items()}
     src_rel = src_yaml.relative_to(REPO) if REPO in src_yaml.parents else src_yaml
-    model = "a Whisper encoder-decoder, NLL" if family == "WhisperFamily" else "CTC on characters"
     header = [
         "# " + "#" * 76,
-        f"# Recipe:  {recipe_name} — {model}, language `{language}`, on your own corpus",
+        f"# Recipe:  {recipe_name} — {family.summary}, language `{language}`, on your own corpus",
         "# Data:    one manifest per split (CSV/JSONL; columns in speechtune/prepare/custom.py),",
         f"#          train: {rel['train']} (keys under data_folder below)",
         f"# Model:   as in {src_rel}, copied by tools/new_recipe.py;",
@@ -192,9 +197,9 @@ def new_yaml(src_yaml, out_yaml, family, language, manifests, root, name, recipe
         "# " + "#" * 76,
     ]
     body = lines[start:]
-    token = " and Whisper language token" if family == "WhisperFamily" else ""
-    replace_key(body, "language", [f"language: {language}                # text normaliser "
-                                   f"(speechtune.text registry){token}"])
+    replace_key(body, "language", None)
+    body.insert(next(i for i, line in enumerate(body) if line.startswith("defaults:")) + 1,
+                f"language: {language}                # {family.language_use}")
     data = [
         "# Your corpus (speechtune.prepare.custom): one CSV/JSONL manifest per split, written as",
         "# contract manifests (ID,duration,wav,spk_id,wrd + group columns) into manifest_folder.",
@@ -212,20 +217,10 @@ def new_yaml(src_yaml, out_yaml, family, language, manifests, root, name, recipe
         raise RecipeError(f"{src_yaml} has no data_folder key: copy it by hand.")
     replace_key(body, "output_folder", [f"output_folder: !ref results/{name}_<language>/<seed>"])
     text = "\n".join(body)
-    if re.search(r"^\s*text_manifests:", text, re.M):  # the tiny Whisper's BPE
-        text = re.sub(r"^(\s*)text_manifests: .*$",
-                      r"\1text_manifests: [!ref <prepared_train_manifest>]", text, flags=re.M)
-        text = text.replace("manifest_folder: !ref <output_folder>/manifests\n", (
-            "manifest_folder: !ref <output_folder>/manifests\n"
-            "# the tiny Whisper's BPE learns the prepared training text: prepared when the yaml\n"
-            "# loads, since the model is built then (train.py finds it prepared)\n"
-            "prepared_train_manifest: !apply:speechtune.prepare.custom.prepare_manifest\n"
-            "    manifest: !ref <train_manifest>\n"
-            "    out_csv: !ref <manifest_folder>/train.csv\n"
-            "    data_folder: !ref <data_folder>\n"
-            "    split: train\n"), 1)
     text = re.sub(r"!include:(\S+)", lambda m: "!include:" + relative(
         (src_yaml.parent / m[1]).resolve(), out_yaml.parent), text)
+    text = re.sub(r"^defaults: (\S+)", lambda m: "defaults: " + relative(
+        (src_yaml.parent / m[1]).resolve(), out_yaml.parent), text, flags=re.M)
     leftover = [line for line in text.splitlines() if "<data_folder>/<language>" in line]
     if leftover:
         raise RecipeError(f"{src_yaml}: lines that assume the source corpus layout: {leftover}")
@@ -234,7 +229,7 @@ def new_yaml(src_yaml, out_yaml, family, language, manifests, root, name, recipe
 
 def train_py(family, recipe_name, yaml_name, source, fork):
     """A train.py of a few lines: the custom preparation and the family (or its forked Brain)."""
-    module, brain = FAMILIES[family]
+    module, brain, family = family.__module__, family.brain_class.__name__, family.__name__
     loop = f"this recipe's {brain} (brain.py)" if fork else f"{module}.{brain}"
     lines = ["#!/usr/bin/env python3",
              f'"""{recipe_name}: made by tools/new_recipe.py from {source}.', "",
@@ -257,10 +252,8 @@ def train_py(family, recipe_name, yaml_name, source, fork):
 
 def brain_py(family):
     """brain.py: the family's Brain class, copied, with the imports it uses."""
-    import importlib
-
-    module_name, class_name = FAMILIES[family]
-    module = importlib.import_module(module_name)
+    module_name, class_name = family.__module__, family.brain_class.__name__
+    module = sys.modules[module_name]
     class_src = inspect.getsource(getattr(module, class_name))
     used = {n.id for n in ast.walk(ast.parse(class_src)) if isinstance(n, ast.Name)}
     imports, local = [], []
@@ -285,10 +278,11 @@ def brain_py(family):
 
 
 def readme(recipe_name, family, language, source, yaml_name, corpus, fork):
-    module, brain = FAMILIES[family]
+    module, brain = family.__module__, family.brain_class.__name__
     loop = (f"this recipe's `brain.py` (a copy of `{module}.{brain}`)" if fork
             else f"`{module}.{brain}`, shared by every corpus")
-    return f"""# {recipe_name}: {family[:-6]} fine-tuning, language `{language}`
+    kind = family.__name__.removesuffix("Family")
+    return f"""# {recipe_name}: {kind} fine-tuning, language `{language}`
 
 Made by `tools/new_recipe.py` from `{source}` (`{yaml_name}`) on {date.today().isoformat()}, for
 the corpus in `{corpus}`. Preparation is `speechtune/prepare/custom.py` (the manifests named in
@@ -308,25 +302,20 @@ One row per run, numbers from the run's own output (`results/.../train_log.txt`)
 
 
 def check_language(language, family):
-    from speechtune.text import get_normalizer
-
     try:
         get_normalizer(language)
     except ValueError as err:
         raise RecipeError(f"{err} For this tool and the recipe, register it in "
                           "speechtune/text.py (add the code to the languages basic_normalize "
                           "serves if letters, digits and no punctuation fit).") from None
-    if family == "WhisperFamily":
-        from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-        if language not in LANGUAGES:
-            raise RecipeError(f"Whisper has no language token for '{language}'; Whisper "
-                              f"recipes need one of: {', '.join(sorted(LANGUAGES))}")
+    try:
+        family.check_language(language)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
 
 
 def check_manifests(manifests):
     """Fail before writing anything on an empty manifest or missing columns."""
-    from speechtune.prepare.custom import ManifestError, columns, read_rows
 
     for path in manifests.values():
         rows = read_rows(path)
@@ -337,33 +326,22 @@ def check_manifests(manifests):
 
 def preflight(out, yaml_rel, family, tmp, overrides):
     """The recipe's own pre-flight (preparation, vocabulary, data checks) on the new data."""
-    import importlib
-
-    from speechtune.prepare.custom import prepare_custom
-    from speechtune.recipe import build_experiment, load_hparams
-
-    family_cls = getattr(importlib.import_module(FAMILIES[family][0]), family)
     cwd = os.getcwd()
     os.chdir(out)  # the yaml's relative paths start at the recipe folder, as for train.py
     try:
-        hparams, run_opts = load_hparams([yaml_rel, f"--output_folder={tmp}", *overrides])
+        hparams, run_opts = load_hparams([yaml_rel, f"--output_folder={tmp}", *overrides],
+                                         record=False)
         for name in list(logging.root.manager.loggerDict):  # keep our summary readable
             if name.startswith("speechbrain"):
                 logging.getLogger(name).setLevel(logging.WARNING)
-        experiment = build_experiment(hparams, run_opts, prepare_custom, family_cls)
+        experiment = build_experiment(hparams, run_opts, prepare_custom, family)
     finally:
         os.chdir(cwd)
     for split, dataset in [("train", experiment.train), ("valid", experiment.valid),
                            *experiment.tests.items()]:
         seconds = sum(float(dataset.data[i]["duration"]) for i in dataset.data_ids)
         say(f"  {split}: {len(dataset)} utterances, {seconds / 60:.1f} min")
-    if family == "CTCFamily":
-        chars = [c for c in experiment.brain.tokenizer.lab2ind if c not in ("<blank>", "<unk>")]
-        say(f"CTC vocabulary ({len(chars)} characters + blank + unk): "
-            f"{''.join(chars).replace(' ', '␣')}")
-    else:
-        tok = hparams["whisper"].tokenizer
-        say(f"Whisper prefix: {''.join(tok.convert_ids_to_tokens(tok.prefix_tokens))}")
+    say(experiment.family.setup_summary())
 
 
 def dry_run(out, yaml_rel, tmp, overrides):
@@ -396,8 +374,6 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for the pre-flight and dry run only (not written)")
     args = parser.parse_args(argv)
-    from speechtune.preflight import PreflightError
-    from speechtune.prepare.custom import ManifestError
 
     out = Path(args.out).resolve()
     overrides = [f"--{kv}" for kv in args.set]

@@ -1,1 +1,1 @@
-"""Corpus preparation: corpus on disk -> manifest CSVs (the DESIGN.md manifest contract)."""
+"""Corpus preparation: corpus on disk -> manifest CSVs (the contract in ``speechtune.data``)."""

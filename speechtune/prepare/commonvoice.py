@@ -15,7 +15,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-from speechtune.data import load_audio, write_manifest
+from speechtune.data import Manifests, load_audio, write_manifest
 from speechtune.prepare.files import (
     complete_flac,
     read_stamp,
@@ -25,7 +25,6 @@ from speechtune.prepare.files import (
     write_stamp,
     write_tsv,
 )
-from speechtune.recipe import Manifests
 from speechtune.text import get_normalizer
 
 logger = logging.getLogger(__name__)

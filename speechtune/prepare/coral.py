@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from speechtune.data import load_audio, write_manifest
+from speechtune.data import Manifests, load_audio, write_manifest
 from speechtune.prepare.coral_groups import (
     UNKNOWN,
     age_group,
@@ -58,7 +58,6 @@ from speechtune.prepare.files import (
     write_stamp,
     write_tsv,
 )
-from speechtune.recipe import Manifests
 from speechtune.text import get_normalizer
 
 logger = logging.getLogger(__name__)

@@ -28,9 +28,8 @@ from pathlib import Path
 import soundfile as sf
 from speechbrain.utils.distributed import run_on_main
 
-from speechtune.data import write_manifest
+from speechtune.data import Manifests, write_manifest
 from speechtune.prepare.files import read_stamp, write_stamp
-from speechtune.recipe import Manifests
 
 ALIASES = {"wav": ("audio", "wav"), "wrd": ("text", "wrd"), "ID": ("id", "ID"),
            "spk_id": ("speaker", "spk_id"), "duration": ("duration",)}

@@ -7,7 +7,7 @@ from pathlib import Path
 import soundfile as sf
 from speechbrain.dataio.dataio import merge_csvs as sb_merge_csvs
 
-from speechtune.recipe import Manifests
+from speechtune.data import Manifests
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from speechtune.recipe import Manifests
+from speechtune.data import Manifests
 
 # further bundled test sets: name -> (language, manifest under data_folder)
 EXTRA_TESTS = {"en_heldout": ("en", "en_heldout/test.csv")}

@@ -12,7 +12,7 @@ weights: python train.py <same yaml and overrides> --decoding=beam_lm --lm_path=
 
 import sys
 
-from speechtune.lm import tune
+from speechtune.lm_tuning import tune
 from speechtune.prepare.coral import prepare_coral_recipe
 
 if __name__ == "__main__":

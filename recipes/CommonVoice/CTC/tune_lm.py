@@ -14,7 +14,7 @@ wav2vec2_large_960h_en.yaml (target_case: upper).
 
 import sys
 
-from speechtune.lm import tune
+from speechtune.lm_tuning import tune
 from speechtune.prepare.commonvoice import prepare_commonvoice_recipe
 
 if __name__ == "__main__":

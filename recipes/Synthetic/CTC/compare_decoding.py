@@ -12,29 +12,30 @@ only. The LM weights are the yaml's (lm_weights: tuned reads what tune_lm.py wro
 import sys
 import time
 
-from speechtune import lm
+from speechtune import ctc_decoding as decoding
+from speechtune import lm_tuning as tuning
 from speechtune.prepare.synthetic import prepare_synthetic
 
 
 def compare(argv):
     """Print one markdown row per decoder and test split."""
-    hparams, experiment, ckpt = lm.load_finished_run(argv, prepare_synthetic)
+    hparams, experiment, ckpt = tuning.load_finished_run(argv, prepare_synthetic)
     brain, blank = experiment.brain, hparams["blank_index"]
-    alpha, beta = lm.lm_weights(hparams)
+    alpha, beta = decoding.lm_weights(hparams)
     decoders = {
-        "greedy": lm.GreedyDecoder(brain.tokenizer, blank),
-        "beam": lm.SearchDecoder(lm.make_searcher(hparams, brain.tokenizer, "beam")),
-        f"beam + LM (alpha {alpha:g}, beta {beta:g})": lm.SearchDecoder(
-            lm.make_searcher(hparams, brain.tokenizer, "beam_lm", alpha, beta)),
+        "greedy": decoding.GreedyDecoder(brain.tokenizer, blank),
+        "beam": decoding.SearchDecoder(decoding.make_searcher(hparams, brain.tokenizer, "beam")),
+        f"beam + LM (alpha {alpha:g}, beta {beta:g})": decoding.SearchDecoder(
+            decoding.make_searcher(hparams, brain.tokenizer, "beam_lm", alpha, beta)),
     }
     print(f"checkpoint {ckpt.path.name}, LM {hparams['lm_path']}")
     print("| split | decoding | WER | decoding speed (utt/s) |\n|---|---|---|---|")
     for split, dataset in experiment.tests.items():
         start = time.perf_counter()
-        utterances = lm.collect_log_probs(brain, dataset, experiment.loader_kwargs[split])
+        utterances = tuning.collect_log_probs(brain, dataset, experiment.loader_kwargs[split])
         forward = len(utterances) / (time.perf_counter() - start)
         for name, decoder in decoders.items():
-            wer, speed = lm.decode_and_score(decoder, utterances, hparams["wer_computer"])
+            wer, speed = tuning.decode_and_score(decoder, utterances, hparams["wer_computer"])
             print(f"| {split} | {name} | {wer:.2f}% | {speed:.1f} |", flush=True)
         print(f"| {split} | (encoder + head forward pass, batched) | | {forward:.1f} |")
 

@@ -11,7 +11,7 @@ weights: python train.py hparams/wavlm_tiny.yaml --decoding=beam_lm --lm_path=<s
 
 import sys
 
-from speechtune.lm import tune
+from speechtune.lm_tuning import tune
 from speechtune.prepare.synthetic import prepare_synthetic
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 from transformers import WhisperModel
 
-from speechtune.models import build_tiny_whisper
+from speechtune.tiny import build_tiny_whisper
 from speechtune.whisper_models import Whisper
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "en"

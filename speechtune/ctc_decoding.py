@@ -1,28 +1,23 @@
-"""CTC decoding at test time (greedy, beam, beam + n-gram LM) and LM weight tuning on valid.
+"""CTC decoding at test time: greedy, beam, beam + n-gram LM.
 
 Decoding is SpeechBrain's (``ctc_greedy_decode``; the yaml's ``ctc_searcher``, a
 ``speechbrain.decoders.ctc.CTCBeamSearcher`` or ``CTCPrefixBeamSearcher``, which scores words
 with KenLM through ``kenlm_model_path``); this module chooses and configures it from the yaml's
-decoding keys and grid-searches the LM weight ``alpha`` and word bonus ``beta`` on the validation
-set of a finished run.
+decoding keys. The LM weights ``alpha``/``beta`` are the yaml's or those ``speechtune.lm_tuning``
+found on the validation set of a finished run.
 
 Keys read (all required): ``decoding`` (``greedy | beam | beam_lm``: test only, validation is
 always greedy), ``ctc_searcher``, ``lm_path``, ``lm_weights`` (``tuned``: the file
 ``tune_lm.py`` writes, ``<output_folder>/lm_tuning/lm_weights.yaml``; ``fixed``: ``lm_alpha``,
 ``lm_beta``), ``lm_missing`` (``error | fallback``: what ``beam_lm`` does without the ``kenlm``
-module), ``lm_alpha_grid``, ``lm_beta_grid``, ``blank_index``, ``wer_computer``.
+module), ``blank_index``, ``target_case``.
 """
 
-import csv
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import speechbrain as sb
-import torch
 import yaml
-from hyperpyyaml import load_hyperpyyaml
 
 logger = logging.getLogger(__name__)
 
@@ -202,131 +197,3 @@ def build_test_decoder(hparams, tokenizer):
         return GreedyDecoder(tokenizer, hparams["blank_index"])
     alpha, beta = lm_weights(hparams) if mode == "beam_lm" else (None, None)
     return SearchDecoder(make_searcher(hparams, tokenizer, mode, alpha, beta))
-
-
-# ---------------------------------------------------------------------- tuning on valid
-@dataclass
-class Utterance:
-    """One utterance's CTC log-probs (frames x labels, padding cut) and reference words."""
-
-    id: str
-    log_probs: torch.Tensor
-    words: list
-
-
-def collect_log_probs(brain, dataset, loader_kwargs) -> list[Utterance]:
-    """One forward pass over ``dataset`` with the Brain's current weights (eval mode, the
-    evaluation precision); the log-probs are kept so every decoder reuses them."""
-    loader = brain.make_dataloader(dataset, stage=sb.Stage.VALID, ckpt_prefix=None,
-                                   **loader_kwargs)
-    brain.modules.eval()
-    utterances = []
-    with torch.no_grad(), brain.evaluation_ctx:
-        for batch in loader:
-            log_probs, wav_lens, _ = brain.compute_forward(batch, sb.Stage.VALID)
-            frames = (wav_lens * log_probs.shape[1]).round().int().tolist()
-            for utt_id, lp, n, words in zip(batch.id, log_probs.float().cpu(), frames,
-                                            batch.words, strict=True):
-                utterances.append(Utterance(utt_id, lp[:n], words.split()))
-    return utterances
-
-
-def decode_and_score(decoder, utterances, wer_computer):
-    """Decode every utterance (one at a time: no padding) -> ``(WER %, utterances/second)``."""
-    metric = wer_computer()
-    start = time.perf_counter()
-    hyps = [decoder(u.log_probs.unsqueeze(0), torch.ones(1))[0] for u in utterances]
-    seconds = time.perf_counter() - start
-    metric.append([u.id for u in utterances], hyps, [u.words for u in utterances])
-    return metric.summarize("error_rate"), len(utterances) / seconds
-
-
-def grid_search(searcher, utterances, alphas, betas, wer_computer) -> list[dict]:
-    """Valid WER of every ``(alpha, beta)`` with one loaded LM, in grid order."""
-    rows = []
-    decoder = SearchDecoder(searcher)
-    for alpha in alphas:
-        for beta in betas:
-            set_lm_weights(searcher, alpha, beta)
-            wer, speed = decode_and_score(decoder, utterances, wer_computer)
-            rows.append({"alpha": alpha, "beta": beta, "WER": wer, "utt_per_s": speed})
-            logger.info("alpha %.3g  beta %.3g  valid WER %.2f%%", alpha, beta, wer)
-    return rows
-
-
-def best_row(rows):
-    """Lowest WER; ties go to the smaller ``alpha`` then ``beta`` (the earlier grid point)."""
-    return min(rows, key=lambda r: (r["WER"], r["alpha"], r["beta"]))
-
-
-def write_tuning(folder, rows, best, meta):
-    """``grid.csv``, ``grid.md`` (WER: alpha rows x beta columns) and ``lm_weights.yaml``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "grid.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    betas = sorted({r["beta"] for r in rows})
-    wer = {(r["alpha"], r["beta"]): r["WER"] for r in rows}
-    lines = [f"Valid WER (%) by LM weight alpha (rows) and word bonus beta (columns); LM "
-             f"{meta['lm_path']}, checkpoint {meta['checkpoint']}; greedy: "
-             f"{meta['greedy_WER']:.2f}%.", "",
-             "| alpha \\ beta | " + " | ".join(f"{b:g}" for b in betas) + " |",
-             "|---" * (len(betas) + 1) + "|"]
-    for alpha in sorted({r["alpha"] for r in rows}):
-        cells = [f"**{wer[alpha, b]:.2f}**" if (alpha, b) == (best["alpha"], best["beta"])
-                 else f"{wer[alpha, b]:.2f}" for b in betas]
-        lines.append(f"| {alpha:g} | " + " | ".join(cells) + " |")
-    (folder / "grid.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    weights = {"alpha": float(best["alpha"]), "beta": float(best["beta"]),
-               "valid_WER": float(best["WER"]), **meta}
-    (folder / "lm_weights.yaml").write_text(yaml.safe_dump(weights, sort_keys=False),
-                                            encoding="utf-8")
-
-
-def load_finished_run(argv, prepare):
-    """``hparams.yaml [--key=value ...]`` of a finished CTC run (same yaml and overrides as its
-    training) -> ``(hparams, experiment, checkpoint)`` with the best-WER checkpoint loaded. The
-    test decoding keys are not applied (the caller decodes), so ``lm_weights: tuned`` may be
-    passed before the weights exist."""
-    from speechtune.ctc import CTCFamily
-    from speechtune.recipe import build_experiment
-
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    with open(hparams_file, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, overrides)
-    experiment = build_experiment({**hparams, "decoding": "greedy"}, run_opts, prepare,
-                                  CTCFamily)
-    checkpointer = experiment.brain.checkpointer
-    ckpt = checkpointer.find_checkpoint(min_key="WER")
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {hparams['save_folder']}: train first "
-                                "(python train.py with the same yaml and overrides)")
-    checkpointer.load_checkpoint(ckpt)
-    return hparams, experiment, ckpt
-
-
-def tune(argv, prepare):
-    """``tune_lm.py hparams.yaml [--key=value ...]``: from the best-WER checkpoint of a finished
-    run, compute the valid log-probs once, decode them with the LM (``lm_path``) for every
-    ``lm_alpha_grid`` x ``lm_beta_grid`` point and write ``<output_folder>/lm_tuning/`` (read
-    back by ``decoding: beam_lm`` + ``lm_weights: tuned``). Returns the best grid row."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import_kenlm()
-    hparams, experiment, ckpt = load_finished_run(argv, prepare)
-    path, brain = lm_file(hparams), experiment.brain
-    utterances = collect_log_probs(brain, experiment.valid, experiment.loader_kwargs["valid"])
-    greedy = GreedyDecoder(brain.tokenizer, hparams["blank_index"])
-    greedy_wer, _ = decode_and_score(greedy, utterances, hparams["wer_computer"])
-    searcher = make_searcher(hparams, brain.tokenizer, "beam_lm", 0.0, 0.0)
-    rows = grid_search(searcher, utterances, hparams["lm_alpha_grid"], hparams["lm_beta_grid"],
-                       hparams["wer_computer"])
-    best = best_row(rows)
-    folder = tuned_weights_path(hparams).parent
-    write_tuning(folder, rows, best, {"lm_path": str(path.resolve()), "checkpoint": ckpt.path.name,
-                                      "greedy_WER": float(greedy_wer)})
-    print(f"[speechtune] best valid WER {best['WER']:.2f}% (greedy {greedy_wer:.2f}%) at "
-          f"alpha={best['alpha']:g} beta={best['beta']:g}; table in {folder}/grid.md. Test with "
-          f"them: rerun the training command with --decoding=beam_lm --lm_path={path}")
-    return best
