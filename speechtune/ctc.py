@@ -114,7 +114,8 @@ class CTCFamily(Family):
         """The ``encoder`` wrapper on the ``model`` source (a ``tiny:`` preset built first)."""
         hp = self.hparams
         self.source = tiny.resolve_source(
-            hp["model"], Path(hp["output_folder"]) / "tiny_model", "encoder")
+            hp["model"], Path(hp["output_folder"]) / "tiny_model", "encoder",
+            config=hp["tiny_config"])
         self.encoder = hp["encoder"](source=self.source)
 
     def set_texts(self, rows, languages):

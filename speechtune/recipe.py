@@ -49,18 +49,45 @@ def compose(hparams_file):
     composed = compose(base_path)
     for key, value in doc.items():
         composed[key] = value
+    # hyperpyyaml resolves an !include where it meets it, so a reference into one
+    # (``!ref <augmentation[speeds]>``) must come after it: included blocks go first, right
+    # after the seed is set (what they build is then built after seeding, as before)
+    included = [k for k, v in composed.items() if _include_tag(v)]
+    first = list(composed).index("__set_seed") + 1 if "__set_seed" in composed else 0
+    for offset, key in enumerate(included):
+        composed.insert(first + offset, key, composed.pop(key))
     return composed
 
 
+def _include_tag(node):
+    value = getattr(getattr(node, "tag", None), "value", None) or ""
+    return value.startswith("!include:")
+
+
 def _absolute_includes(node, folder):
-    tag = getattr(node, "tag", None)
-    value = getattr(tag, "value", None) or ""
-    if value.startswith("!include:") and not Path(value[len("!include:"):]).is_absolute():
+    value = getattr(getattr(node, "tag", None), "value", None) or ""
+    if _include_tag(node) and not Path(value[len("!include:"):]).is_absolute():
         node.yaml_set_ctag(ruamel.yaml.tag.Tag(
             suffix="!include:" + str((folder / value[len("!include:"):]).resolve())))
     children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
     for child in children:
         _absolute_includes(child, folder)
+
+
+def resolve(hparams_file, overrides=None):
+    """``hparams_file`` composed with its defaults (``compose``), ``overrides`` (a dict or a yaml
+    string; a key the yaml lacks is an error) applied and references resolved: yaml text,
+    nothing constructed yet."""
+    text = StringIO()
+    ruamel.yaml.YAML(typ="rt").dump(compose(hparams_file), text)
+    text.seek(0)
+    return resolve_references(text, overrides, overrides_must_match=True).getvalue()
+
+
+def load_yaml(hparams_file, overrides=None):
+    """The loaded yaml (``resolve``, then the objects it declares; no model) without a command
+    line or an output folder: for tests and tools that build experiments in-process."""
+    return load_hyperpyyaml(resolve(hparams_file, overrides))
 
 
 def load_hparams(argv, record=True):
@@ -83,21 +110,16 @@ def load_hparams(argv, record=True):
         run_opts = dataclasses.replace(run_opts,
                                        optimizer_step_limit=int(run_opts.optimizer_step_limit))
     sb.utils.distributed.ddp_init_group(run_opts)  # under torchrun: one process group per run
-    text = StringIO()
-    ruamel.yaml.YAML(typ="rt").dump(compose(hparams_file), text)
-    text.seek(0)
-    resolved = resolve_references(text, overrides).getvalue()
-    # the folder is checked before loading: the checkpointer creates its folder as it loads
-    output_folder = ruamel.yaml.YAML(typ="rt").load(resolved)["output_folder"]
-    if record:
-        check_writable(str(output_folder))
+    resolved = resolve(hparams_file, overrides)
+    if record:  # before loading: the checkpointer creates its folder as it loads
+        check_writable(str(ruamel.yaml.YAML(typ="rt").load(resolved)["output_folder"]))
     hparams = load_hyperpyyaml(resolved)
     if record:
         sb.create_experiment_directory(experiment_directory=hparams["output_folder"])
         if sb.utils.distributed.if_main_process():
             header = f"# {Path(hparams_file).resolve()} with its defaults, overrides: {overrides}\n"
-            Path(hparams["output_folder"], "hyperparams.yaml").write_text(
-                header + resolved, encoding="utf-8")
+            Path(hparams["output_folder"], "hyperparams.yaml").write_text(header + resolved,
+                                                                         encoding="utf-8")
     return hparams, run_opts
 
 

@@ -83,28 +83,33 @@ PRESETS = {
 }
 
 
-def resolve_source(source, build_dir, kind, texts=(), window_seconds=None):
+def resolve_source(source, build_dir, kind, texts=(), window_seconds=None, config=None):
     """``source`` as given, or for ``tiny:<preset>`` the folder of that preset's model, built
     once in ``build_dir`` (DDP-safe; rebuilt when the config or ``texts`` change).
 
     ``kind``: what the family loads (``encoder`` or ``whisper``), checked against the preset's.
     ``texts``: normalised transcripts a Whisper preset's BPE is trained on; ``window_seconds``:
-    a Whisper preset's input window (None: 30 s)."""
+    a Whisper preset's input window (None: 30 s); ``config``: values replacing the preset's
+    (the yaml's ``tiny_config``, e.g. a smaller model for tests)."""
     source = str(source)
     if not source.startswith(PREFIX):
+        if config:
+            raise ValueError(f"tiny_config is set but model={source} is not a tiny:<preset>: "
+                             "drop tiny_config to fine-tune it, or pick a preset ("
+                             f"{', '.join(PREFIX + p for p in PRESETS)})")
         return source
     name = source[len(PREFIX):]
     if name not in PRESETS:
         raise ValueError(f"model={source}: no such tiny preset; use one of "
                          f"{', '.join(PREFIX + p for p in PRESETS)}, a hub id or a local folder")
-    preset_kind, config = PRESETS[name]
+    preset_kind, preset = PRESETS[name]
     if preset_kind != kind:
         fits = ", ".join(PREFIX + p for p, (k, _) in PRESETS.items() if k == kind)
         raise ValueError(f"model={source} is a {preset_kind} model, but this recipe loads a "
                          f"{kind}: use {fits}, a hub id or a local folder")
-    config = dict(config)
+    config = {**preset, **({"chunk_length": 30 if window_seconds is None else window_seconds}
+                           if kind == "whisper" else {}), **dict(config or {})}
     if kind == "whisper":
-        config["chunk_length"] = 30 if window_seconds is None else window_seconds
         texts = list(texts)
         config["texts_sha1"] = hashlib.sha1("\n".join(sorted(set(texts))).encode()).hexdigest()
     path = Path(build_dir)

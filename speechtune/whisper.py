@@ -157,7 +157,8 @@ class WhisperFamily(Family):
         normalize = get_normalizer(language)
         self.source = source = tiny.resolve_source(
             hp["model"], Path(hp["output_folder"]) / "tiny_model", "whisper",
-            texts=[normalize(t) for t in train_texts], window_seconds=hp["window_seconds"])
+            texts=[normalize(t) for t in train_texts], window_seconds=hp["window_seconds"],
+            config=hp["tiny_config"])
         self.whisper = hp["whisper"](source=source)
         if source != str(hp["model"]):
             self.whisper.source = str(hp["model"])
@@ -202,7 +203,7 @@ class WhisperFamily(Family):
                 f"encoder_cache={where} needs the same encoder output for an utterance in every "
                 "epoch: pass --freeze_encoder=True and --augmenter=null (waveform augmentation "
                 "changes the input), or --encoder_cache=null.")
-        model_id = {"whisper_hub": str(self.hparams["model"]),
+        model_id = {"whisper_hub": str(self.source),
                     "window_seconds": self.whisper.window_seconds}
         return EncoderCache(where, model_id)
 

@@ -60,7 +60,7 @@ MICRO_WHISPER = {
 @pytest.fixture(scope="session")
 def micro_encoder_dir(tmp_path_factory):
     """A micro WavLM saved in HF format (local folder, no hub)."""
-    from speechtune.models import build_tiny_encoder
+    from speechtune.tiny import build_tiny_encoder
 
     path = tmp_path_factory.mktemp("micro_wavlm")
     cfg = dict(MICRO_ENCODER)
@@ -70,7 +70,7 @@ def micro_encoder_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def micro_whisper_en_dir(tmp_path_factory):
     """A micro English-only Whisper saved in HF format, its BPE trained on the bundled text."""
-    from speechtune.models import build_tiny_whisper
+    from speechtune.tiny import build_tiny_whisper
 
     with open(SYNTHETIC / "en" / "train.csv", newline="", encoding="utf-8") as f:
         texts = [row["wrd"] for row in csv.DictReader(f)]
@@ -117,7 +117,7 @@ def micro_ctc_960h_dir(tmp_path_factory):
 def micro_whisper_multi_dir(tmp_path_factory):
     """A micro multilingual Whisper (language and task prefix) saved in HF format, its BPE
     trained on the bundled English and Danish text (æ, ø, å round-trip)."""
-    from speechtune.models import build_tiny_whisper
+    from speechtune.tiny import build_tiny_whisper
 
     texts = []
     for language in ("en", "da"):
@@ -214,22 +214,17 @@ CTC_YAML = REPO / "recipes" / "Synthetic" / "CTC" / "hparams" / "wavlm_tiny.yaml
 def experiment(data_dir, out, **overrides):
     """An in-process ``Experiment`` of the Synthetic CTC yaml with the micro encoder (built in
     ``out``), one epoch, no augmentation; ``overrides`` are yaml keys."""
-    from hyperpyyaml import load_hyperpyyaml
-
-    from speechtune.ctc import CTCFamily
     from speechtune.prepare.synthetic import prepare_synthetic
-    from speechtune.recipe import build_experiment
+    from speechtune.recipe import build_experiment, load_yaml
 
     out.mkdir(parents=True, exist_ok=True)
     base = {
         "data_folder": str(data_dir), "output_folder": str(out),
-        "encoder_hub": str(out / "tiny_encoder"), "tiny_encoder": MICRO_ENCODER,
+        "model": "tiny:wavlm", "tiny_config": MICRO_ENCODER,
         "max_batch_seconds": 8, "number_of_epochs": 1, "augmenter": None, "min_duration": 0.0,
     }
     base.update(overrides)
-    with open(CTC_YAML, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, base)
-    return build_experiment(hparams, {"device": "cpu"}, prepare_synthetic, CTCFamily)
+    return build_experiment(load_yaml(CTC_YAML, base), {"device": "cpu"}, prepare_synthetic)
 
 def write_subset(src_dir, dst_dir, counts):
     """Copy the first ``counts[split]`` rows of each bundled manifest, wav paths made absolute."""

@@ -15,7 +15,7 @@ import torch
 import torchaudio
 from conftest import CV_HEADER, REPO, SYNTHETIC
 
-from speechtune.data import load_audio, read_manifest
+from speechtune.data import Manifests, load_audio, read_manifest
 from speechtune.prepare import commonvoice
 from speechtune.prepare.commonvoice import (
     COLUMNS,
@@ -23,7 +23,6 @@ from speechtune.prepare.commonvoice import (
     prepare_commonvoice_recipe,
     read_tsv,
 )
-from speechtune.recipe import Manifests
 
 HEADER = CV_HEADER  # a recent release's 13 columns
 

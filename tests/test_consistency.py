@@ -1,4 +1,5 @@
-"""Every file or folder a README names exists; every recipe folder has its README and train.py."""
+"""Every file or folder a README or a docs/ page names exists; every recipe folder has its README
+and train.py; every test the bad-input catalogue names exists."""
 
 import re
 
@@ -8,6 +9,7 @@ from conftest import REPO
 READMES = sorted(p for p in REPO.rglob("README.md")  # not in .venv, .pytest_cache or results
                  if not any(part.startswith(".") or part == "results"
                             for part in p.relative_to(REPO).parts))
+DOCS = sorted((REPO / "docs").glob("*.md"))
 ROOTS = ("recipes/", "speechtune/", "local/", "tools/", "hparams/", "tests/", ".ci/")
 RUN_OUTPUTS = {"hyperparams.yaml", "CKPT.yaml"}  # written into results/, not in the repository
 PATHLIKE = re.compile(r"^[\w.\-/+]+$")
@@ -24,7 +26,7 @@ def named_paths(readme):
     return sorted(n for n in names if "://" not in n and "<" not in n)
 
 
-@pytest.mark.parametrize("readme", READMES, ids=lambda p: p.relative_to(REPO).as_posix())
+@pytest.mark.parametrize("readme", READMES + DOCS, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_every_named_path_exists(readme):
     missing = []
     for name in named_paths(readme):
@@ -68,14 +70,18 @@ def test_ctc_recipes_whose_yaml_names_tune_lm_have_it():
         spec.loader.exec_module(importlib.util.module_from_spec(spec))  # imports resolve
 
 
-def test_every_bad_input_row_names_a_test_that_exists():
-    """The README's bad-input catalogue: at least 25 rows, each backed by a test function."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    table = text.split("## Bad inputs", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in table.splitlines() if re.match(r"^\| \d+ \|", line)]
-    assert len(rows) >= 25
-    for row in rows:
-        found = re.search(r"`(tests/\w+\.py)::(\w+)`", row)
-        assert found, f"no test named in: {row}"
-        source = (REPO / found.group(1)).read_text(encoding="utf-8")
-        assert re.search(rf"^def {found.group(2)}\(", source, re.M), row
+def test_every_test_the_bad_input_catalogue_names_exists():
+    """docs/bad_inputs.md names, for each bad input, the test that checks it: each one exists."""
+    catalogue = REPO / "docs" / "bad_inputs.md"
+    assert catalogue.is_file(), "docs/bad_inputs.md, the bad-input catalogue, is missing"
+    text = catalogue.read_text(encoding="utf-8")
+    named = sorted(set(re.findall(r"`(tests/\w+\.py)::(\w+)`", text)))
+    assert named, "docs/bad_inputs.md names no test"
+    missing = []
+    for path, test in named:
+        source = REPO / path
+        defined = source.is_file() and re.search(
+            rf"^def {test}\(", source.read_text(encoding="utf-8"), re.M)
+        if not defined:
+            missing.append(f"{path}::{test}")
+    assert not missing, f"docs/bad_inputs.md names tests that do not exist: {missing}"

@@ -16,10 +16,10 @@ import torch
 import torchaudio
 from conftest import REPO, SYNTHETIC, coral_schema, write_parquet
 
+from speechtune.data import Manifests
 from speechtune.prepare import coral
 from speechtune.prepare.coral import COLUMNS, prepare_coral
 from speechtune.prepare.coral_groups import age_group, dialect_group
-from speechtune.recipe import Manifests
 
 DA = SYNTHETIC / "da"
 SCHEMA = coral_schema()

@@ -23,7 +23,7 @@ COMMONVOICE = REPO / "recipes" / "CommonVoice"
 # a micro model on a handful of clips: fp32 on CPU, no workers, small batches
 QUICK = ["--precision=fp32", "--eval_precision=fp32", "--device=cpu", "--num_workers=0",
          "--grad_accumulation_factor=1", "--min_duration=0.5"]
-TINY_ENCODER = [f"--tiny_encoder={json.dumps(MICRO_ENCODER)}", "--build_tiny_encoder=True"]
+TINY_ENCODER = ["--model=tiny:wavlm", f"--tiny_config={json.dumps(MICRO_ENCODER)}"]
 
 
 def validations(out):
@@ -49,7 +49,7 @@ def test_coral_ctc_trains_by_steps_and_reports_per_dialect(coral_snapshot, tmp_p
     proc = run_recipe(CORAL / "CTC", [
         "hparams/xls_r_300m_da.yaml", f"--data_folder={coral_snapshot}",
         f"--output_folder={out}", f"--manifest_folder={prepared}",
-        f"--encoder_hub={out}/tiny_encoder", *TINY_ENCODER, *QUICK,
+        *TINY_ENCODER, *QUICK,
         "--max_batch_seconds=8", "--total_steps=4", "--valid_every_steps=2",
         "--freeze_encoder_steps=2", "--lr=0.001",
         "--encoder_config_overrides={mask_time_length: 2}",
@@ -75,7 +75,7 @@ def test_a_step_limit_apart_from_the_lr_schedule_is_refused(coral_snapshot, tmp_
         run_recipe(CORAL / "CTC", [
             "hparams/xls_r_300m_da.yaml", f"--data_folder={coral_snapshot}",
             f"--output_folder={tmp_path / 'results'}", f"--manifest_folder={tmp_path / 'p'}",
-            f"--encoder_hub={tmp_path / 'results'}/tiny_encoder", *TINY_ENCODER, *QUICK,
+            *TINY_ENCODER, *QUICK,
             "--total_steps=4", "--optimizer_step_limit=3"])
 
 
@@ -84,9 +84,9 @@ def multilingual_whisper(request):
     """A micro multilingual Whisper, and OpenAI's real whisper-base (packaged; its window cut
     to 8 s to keep the test short: the clips are under 3.5 s)."""
     if request.param == "micro":
-        return [f"--whisper_hub={request.getfixturevalue('micro_whisper_multi_dir')}"]
+        return [f"--model={request.getfixturevalue('micro_whisper_multi_dir')}"]
     request.getfixturevalue("whisper_base_dir")  # converted once per session
-    return ["--whisper_hub=packaged:whisper-base", "--window_seconds=8"]
+    return ["--model=packaged:whisper-base", "--window_seconds=8"]
 
 
 @pytest.mark.recipe
@@ -120,7 +120,7 @@ def test_commonvoice_960h_keeps_its_vocabulary_head_and_exports_it(cv_releases, 
     run_recipe(COMMONVOICE / "CTC", [
         "hparams/wav2vec2_large_960h_en.yaml", f"--data_folder={cv_releases['en']}",
         f"--output_folder={out}", f"--manifest_folder={tmp_path / 'prepared'}",
-        f"--encoder_hub={micro_ctc_960h_dir}", *QUICK, "--number_of_epochs=1",
+        f"--model={micro_ctc_960h_dir}", *QUICK, "--number_of_epochs=1",
         "--max_batch_seconds=8", "--augmenter=null",
         "--encoder_config_overrides={mask_time_length: 2}",
     ])
@@ -149,7 +149,7 @@ def test_commonvoice_xls_r_trains_a_new_danish_head(cv_releases, tmp_path):
     proc = run_recipe(COMMONVOICE / "CTC", [
         "hparams/xls_r_300m.yaml", "--language=da", f"--data_folder={cv_releases['da']}",
         f"--output_folder={out}", f"--manifest_folder={tmp_path / 'prepared'}",
-        f"--encoder_hub={out}/tiny_encoder", *TINY_ENCODER, *QUICK, "--number_of_epochs=1",
+        *TINY_ENCODER, *QUICK, "--number_of_epochs=1",
         "--max_batch_seconds=8", "--freeze_encoder_steps=1", "--resample=once",
         "--prepare_workers=2", "--encoder_config_overrides={mask_time_length: 2}",
     ])
@@ -166,7 +166,7 @@ def test_commonvoice_whisper_trains_danish(cv_releases, tmp_path, micro_whisper_
     proc = run_recipe(COMMONVOICE / "Whisper", [
         "hparams/whisper_small.yaml", "--language=da", f"--data_folder={cv_releases['da']}",
         f"--output_folder={out}", f"--manifest_folder={tmp_path / 'prepared'}",
-        f"--whisper_hub={micro_whisper_multi_dir}", *QUICK, "--batch_size=8",
+        f"--model={micro_whisper_multi_dir}", *QUICK, "--batch_size=8",
         "--number_of_epochs=1", "--max_duration=3.5",
     ])
     assert re.search(r"test: WER \d+\.\d+%", proc.stdout), proc.stdout[-2000:]

@@ -60,10 +60,10 @@ def test_two_processes_train_half_the_steps_and_only_rank_0_writes(tmp_path, fam
     write_subset(SYNTHETIC / "en", data_dir / "en", {"train": 32, "valid": 6, "test": 6})
     recipe = REPO / "recipes" / "Synthetic" / family
     if family == "CTC":
-        args = ["hparams/wavlm_tiny.yaml", f"--tiny_encoder={json.dumps(MICRO_ENCODER)}",
+        args = ["hparams/wavlm_tiny.yaml", f"--tiny_config={json.dumps(MICRO_ENCODER)}",
                 "--max_batch_seconds=8"]
     else:
-        args = ["hparams/whisper_tiny.yaml", f"--tiny_whisper={json.dumps(MICRO_WHISPER)}",
+        args = ["hparams/whisper_tiny.yaml", f"--tiny_config={json.dumps(MICRO_WHISPER)}",
                 "--max_batch_seconds=8"]
     args += [f"--data_folder={data_dir}", "--number_of_epochs=2", "--num_workers=0",
              "--num_to_keep=1"]

@@ -74,7 +74,7 @@ def ctc_run(tmp_path_factory):
     """An almost untrained micro WavLM: its greedy transcripts are long strings of characters,
     which any difference in features or decoding would change."""
     return recipe_run(tmp_path_factory, CTC, [
-        "hparams/wavlm_tiny.yaml", f"--tiny_encoder={json.dumps(MICRO_ENCODER)}",
+        "hparams/wavlm_tiny.yaml", f"--tiny_config={json.dumps(MICRO_ENCODER)}",
         "--number_of_epochs=1", "--valid_every_steps=3", "--lr_encoder=1e-6", "--lr_head=1e-6"])
 
 
@@ -83,7 +83,7 @@ def whisper_run(tmp_path_factory):
     """A micro Whisper trained for 20 steps: it writes a frequent word over and over (untrained,
     it writes ids beyond its small tokenizer, which decode to nothing)."""
     return recipe_run(tmp_path_factory, WHISPER, [
-        "hparams/whisper_tiny.yaml", f"--tiny_whisper={json.dumps(MICRO_WHISPER)}",
+        "hparams/whisper_tiny.yaml", f"--tiny_config={json.dumps(MICRO_WHISPER)}",
         "--number_of_epochs=4", "--lr=0.005", "--warmup_steps=2"])
 
 

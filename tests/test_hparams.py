@@ -4,8 +4,9 @@ import json
 import re
 
 import pytest
-from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC
-from hyperpyyaml import load_hyperpyyaml
+from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO
+
+from speechtune.recipe import family_of, load_yaml
 
 # the collection's own recipes; one a user made with tools/new_recipe.py (its header says so) is
 # theirs, and tests/test_new_recipe.py covers what the tool writes
@@ -46,41 +47,46 @@ def test_header_names_the_run_command(path):
 
 
 @pytest.mark.parametrize("path", HPARAMS, ids=lambda p: p.relative_to(REPO).as_posix())
-def test_loads_with_a_tiny_model(path, tmp_path, micro_whisper_en_dir, micro_whisper_multi_dir):
+def test_loads_and_builds_with_a_tiny_model(path, tmp_path, micro_encoder_dir,
+                                            micro_whisper_en_dir, micro_whisper_multi_dir):
+    """Every yaml loads (building no model), and its family builds its model from the model key
+    (a micro model standing in for the hub one)."""
     text = path.read_text(encoding="utf-8")
     overrides = {"output_folder": str(tmp_path)}
-    if re.search(r"^data_folder: !PLACEHOLDER", text, re.M):
+    if re.search(r"^data_folder: ", text, re.M) is None:  # the base's !PLACEHOLDER
         overrides["data_folder"] = str(tmp_path)
     if re.search(r"^language: !PLACEHOLDER", text, re.M):  # the language is a parameter
         overrides["language"] = "da"
-    if "encoder_hub" in text:  # CTC family
-        overrides.update(encoder_hub=str(tmp_path / "tiny_encoder"), build_tiny_encoder=True,
-                         tiny_encoder=MICRO_ENCODER)
-    elif "build_tiny_whisper" in text:  # its BPE is trained on the corpus's train manifest
-        overrides.update(tiny_whisper=MICRO_WHISPER, data_folder=str(SYNTHETIC))
-    elif "whisper_hub: openai/whisper-small.en" in text or "whisper-medium.en" in text:
-        overrides["whisper_hub"] = micro_whisper_en_dir
-    else:  # a multilingual Whisper (CommonVoice, CoRal)
-        overrides["whisper_hub"] = micro_whisper_multi_dir
+    model = re.search(r"^model: (\S+)", text, re.M)[1]
+    if model.startswith("tiny:"):
+        overrides["tiny_config"] = MICRO_ENCODER if model == "tiny:wavlm" else MICRO_WHISPER
+    elif "WhisperEncoder" in text or ("whisper" in model and not model.endswith(".en")):
+        overrides["model"] = micro_whisper_multi_dir
+    elif model.endswith(".en"):
+        overrides["model"] = micro_whisper_en_dir
+    else:
+        overrides["model"] = micro_encoder_dir
     if re.search(r"^window_seconds:", text, re.M):  # a shorter window than the model's
         overrides["window_seconds"] = 4
-    with open(path, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, json.loads(json.dumps(overrides)))
-    if "encoder" in hparams:  # 20 ms frames: WavLM's CNN has one fewer (its 25 ms receptive field)
-        frames = 50 if "whisper_hub" in hparams else 49
-        assert hparams["encoder"].output_frames(16000) == frames
+    hparams = load_yaml(path, json.loads(json.dumps(overrides)))
+    assert not list(tmp_path.rglob("*.json"))  # loading built no model (the checkpointer its folder)
+    family = family_of(hparams)(hparams)
+    family.build_model(["en tekst", "another text"])
+    if hparams["family"] == "ctc":  # 20 ms frames: WavLM's CNN has one fewer (25 ms field)
+        frames = 50 if "WhisperEncoder" in text else 49
+        assert family.encoder.output_frames(16000) == frames
         steps = hparams["freeze_encoder_steps"]
         assert steps == "always" or int(steps) >= 0
     else:
-        assert hparams["whisper"].window_seconds == 4  # the micro model's window
+        assert family.whisper.window_seconds == 4  # the micro model's window
         assert isinstance(hparams["freeze_encoder"], bool)
     assert hparams["precision"] in ("fp32", "bf16", "fp16")
 
 
 def test_unknown_override_is_an_error(tmp_path):
     path = REPO / "recipes/Synthetic/CTC/hparams/wavlm_tiny.yaml"
-    with open(path, encoding="utf-8") as f, pytest.raises(KeyError, match="lr_enocder"):
-        load_hyperpyyaml(f, {"lr_enocder": 0.1, "output_folder": str(tmp_path)})
+    with pytest.raises(KeyError, match="lr_enocder"):
+        load_yaml(path, {"lr_enocder": 0.1, "output_folder": str(tmp_path)})
 
 
 def test_an_option_given_twice_is_named(tmp_path):
@@ -104,7 +110,7 @@ def test_a_home_folder_after_the_equals_sign_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     path = REPO / "recipes/Synthetic/CTC/hparams/wavlm_tiny.yaml"
     hparams, _ = load_hparams([str(path), "--output_folder=~/run", "--data_folder=~/corpus",
-                               f"--tiny_encoder={json.dumps(MICRO_ENCODER)}"])
+                               f"--tiny_config={json.dumps(MICRO_ENCODER)}"])
     assert hparams["output_folder"] == str(tmp_path / "run")
     assert hparams["data_folder"] == str(tmp_path / "corpus")
     assert (tmp_path / "run").is_dir()

@@ -7,8 +7,8 @@ import shutil
 import pytest
 from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe
 
-from speechtune.models import build_tiny_whisper
 from speechtune.prepare.librispeech import prepare_librispeech
+from speechtune.tiny import build_tiny_whisper
 
 RECIPE = REPO / "recipes" / "LibriSpeech" / "CTC"
 
@@ -65,8 +65,7 @@ def test_recipe_runs_one_tiny_epoch_on_the_fake_tree(tmp_path, yaml):
     out = tmp_path / "results"
     proc = run_recipe(RECIPE, [
         f"hparams/{yaml}", f"--data_folder={root}", f"--output_folder={out}",
-        f"--encoder_hub={out}/tiny_encoder", "--build_tiny_encoder=True",
-        f"--tiny_encoder={json.dumps(MICRO_ENCODER)}",
+        "--model=tiny:wavlm", f"--tiny_config={json.dumps(MICRO_ENCODER)}",
         "--number_of_epochs=1", "--precision=fp32", "--eval_precision=fp32", "--device=cpu",
         "--max_batch_seconds=10", "--num_workers=0", "--valid_every_steps=2",
         "--grad_accumulation_factor=1",
@@ -91,7 +90,7 @@ def test_whisper_recipe_runs_one_tiny_epoch_on_the_fake_tree(tmp_path):
     out = tmp_path / "results"
     proc = run_recipe(REPO / "recipes" / "LibriSpeech" / "Whisper", [
         "hparams/whisper_small_en.yaml", f"--data_folder={root}", f"--output_folder={out}",
-        f"--whisper_hub={model}", "--number_of_epochs=1", "--precision=fp32",
+        f"--model={model}", "--number_of_epochs=1", "--precision=fp32",
         "--eval_precision=fp32", "--device=cpu", "--batch_size=8", "--num_workers=0",
         "--valid_every_steps=1", "--grad_accumulation_factor=1", "--max_duration=3.0",
     ])

@@ -16,7 +16,8 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.metric_stats import ErrorRateStats
 
-from speechtune import lm
+from speechtune import ctc_decoding as lm
+from speechtune import lm_tuning
 from speechtune.data import build_char_vocab
 from speechtune.ngram import (
     FALLBACK_DISCOUNTS,
@@ -251,7 +252,7 @@ def test_tuning_writes_its_table_and_test_decoding_reads_it(lm_setup, caplog):
     # tuned on one checkpoint, testing another (training went on): a warning naming both
     checkpointer = Checkpointer(folder.parent / "save")
     checkpointer.save_checkpoint(meta={"WER": 50.0}, name="newer")
-    with caplog.at_level(logging.WARNING, logger="speechtune.lm"):
+    with caplog.at_level(logging.WARNING, logger="speechtune.ctc_decoding"):
         lm.lm_weights({**hparams, "lm_weights": "tuned", "checkpointer": checkpointer})
     assert "tuned on checkpoint CKPT+x, but the best-WER checkpoint is now CKPT+newer" in (
         caplog.text)
@@ -310,10 +311,10 @@ def test_recipe_tests_with_beam_lm_and_tune_lm_tunes_from_the_best_checkpoint(
     exp = experiment(synthetic_subset, out, **small)
     exp.fit()
     argv = [str(YAML), f"--data_folder={synthetic_subset}", f"--output_folder={out}",
-            f"--encoder_hub={out / 'tiny_encoder'}", f"--tiny_encoder={json.dumps(MICRO_ENCODER)}",
+            "--model=tiny:wavlm", f"--tiny_config={json.dumps(MICRO_ENCODER)}",
             "--augmenter=null", "--min_duration=0.0", "--device=cpu",
             *[f"--{k}={json.dumps(v)}" for k, v in small.items()]]
-    best = lm.tune(argv, prepare_synthetic)
+    best = lm_tuning.tune(argv, prepare_synthetic)
     tuned = yaml.safe_load((out / "lm_tuning" / "lm_weights.yaml").read_text())
     assert (tuned["alpha"], tuned["beta"]) == (best["alpha"], best["beta"])
     best_ckpt = exp.brain.checkpointer.find_checkpoint(min_key="WER")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import MICRO_ENCODER
 
-from speechtune.models import SSLEncoder, build_tiny_encoder, ensure_tiny_encoder
+from speechtune.models import SSLEncoder
+from speechtune.tiny import build_tiny_encoder, resolve_source
 
 
 @pytest.mark.parametrize("model_type", ["wavlm", "wav2vec2", "hubert"])
@@ -38,17 +39,21 @@ def test_config_overrides_apply_and_unknown_keys_fail(micro_encoder_dir, tmp_pat
         SSLEncoder(micro_encoder_dir, str(tmp_path), config_overrides={"layer_drop": 0.1})
 
 
-def test_ensure_tiny_encoder(tmp_path):
-    assert ensure_tiny_encoder("microsoft/wavlm-large", False, MICRO_ENCODER, tmp_path) == (
-        "microsoft/wavlm-large")
-    with pytest.raises(ValueError, match="pass --build_tiny_encoder=False"):
-        ensure_tiny_encoder("microsoft/wavlm-large", True, MICRO_ENCODER, tmp_path / "t")
-    built = ensure_tiny_encoder(str(tmp_path / "t"), True, MICRO_ENCODER, tmp_path / "t")
+def test_tiny_presets_build_once_and_other_sources_pass_through(tmp_path):
+    assert resolve_source("microsoft/wavlm-large", tmp_path, "encoder") == "microsoft/wavlm-large"
+    with pytest.raises(ValueError, match="tiny_config is set but model=microsoft/wavlm-large"):
+        resolve_source("microsoft/wavlm-large", tmp_path, "encoder", config=MICRO_ENCODER)
+    with pytest.raises(ValueError, match="no such tiny preset; use one of tiny:wavlm"):
+        resolve_source("tiny:hubert", tmp_path, "encoder")
+    with pytest.raises(ValueError, match="is a whisper model, but this recipe loads a encoder"):
+        resolve_source("tiny:whisper", tmp_path, "encoder")
+    built = resolve_source("tiny:wavlm", tmp_path / "t", "encoder", config=MICRO_ENCODER)
+    assert built == str(tmp_path / "t")
     stamp = (tmp_path / "t" / "model.safetensors").stat().st_mtime_ns
-    assert ensure_tiny_encoder(built, True, MICRO_ENCODER, built) == built  # reused, not rebuilt
-    assert (tmp_path / "t" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert resolve_source("tiny:wavlm", built, "encoder", config=MICRO_ENCODER) == built
+    assert (tmp_path / "t" / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
     bigger = dict(MICRO_ENCODER, hidden_size=48)
-    ensure_tiny_encoder(built, True, bigger, built)  # a changed config rebuilds
+    resolve_source("tiny:wavlm", built, "encoder", config=bigger)  # a changed config rebuilds
     assert json.loads((tmp_path / "t" / "config.json").read_text())["hidden_size"] == 48
 
 
@@ -56,7 +61,7 @@ def test_every_process_enters_the_collective_whatever_it_finds_on_disk(tmp_path,
     """Under DDP a slower process can find the model the main process has just built. It must
     still enter ``run_on_main`` (a barrier): one that skipped it waited in the next collective
     while the main process waited in this one, and the run hung (seen in CI)."""
-    import speechtune.models as models
+    import speechtune.tiny as tiny
 
     entered = []
 
@@ -64,11 +69,11 @@ def test_every_process_enters_the_collective_whatever_it_finds_on_disk(tmp_path,
         entered.append(func)
         func()
 
-    monkeypatch.setattr(models, "run_on_main", run_on_main)
-    built = ensure_tiny_encoder(str(tmp_path / "t"), True, MICRO_ENCODER, tmp_path / "t")
-    ensure_tiny_encoder(built, True, MICRO_ENCODER, built)  # already built: same collectives
+    monkeypatch.setattr(tiny, "run_on_main", run_on_main)
+    built = resolve_source("tiny:wavlm", tmp_path / "t", "encoder", config=MICRO_ENCODER)
+    resolve_source("tiny:wavlm", built, "encoder", config=MICRO_ENCODER)  # built: same collectives
     assert len(entered) == 2
-    ensure_tiny_encoder("microsoft/wavlm-large", False, MICRO_ENCODER, tmp_path)
+    resolve_source("microsoft/wavlm-large", tmp_path, "encoder")
     assert len(entered) == 2  # no tiny model: no collective on any process
 
 

@@ -13,8 +13,8 @@ from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe, 
 
 TOOL = REPO / "tools" / "new_recipe.py"
 CTC, WHISPER = "recipes/Synthetic/CTC", "recipes/Synthetic/Whisper"
-MICRO_CTC = f"tiny_encoder={json.dumps(MICRO_ENCODER)}"
-MICRO_WH = f"tiny_whisper={json.dumps(MICRO_WHISPER)}"
+MICRO_CTC = f"tiny_config={json.dumps(MICRO_ENCODER)}"
+MICRO_WH = f"tiny_config={json.dumps(MICRO_WHISPER)}"
 
 
 def new_recipe(*args, check=True):

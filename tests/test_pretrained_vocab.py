@@ -4,25 +4,21 @@ upper case, `|` between words), the case check, and models trained without atten
 import pytest
 import torch
 from conftest import MICRO_ENCODER, REPO, VOCAB_960H
-from hyperpyyaml import load_hyperpyyaml
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
-from speechtune.ctc import CTCFamily
 from speechtune.models import SSLEncoder
 from speechtune.preflight import PreflightError
 from speechtune.prepare.synthetic import prepare_synthetic
-from speechtune.recipe import build_experiment
+from speechtune.recipe import build_experiment, load_yaml
 
 YAML = REPO / "recipes" / "Synthetic" / "CTC" / "hparams" / "wavlm_tiny.yaml"
 
 
 def experiment(data_dir, out, model_dir, **overrides):
-    base = {"data_folder": str(data_dir), "output_folder": str(out), "encoder_hub": model_dir,
-            "build_tiny_encoder": False, "freeze_cnn": True, "vocabulary": "pretrained",
-            "target_case": "upper", "augmenter": None, "min_duration": 0.0, **overrides}
-    with open(YAML, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, base)
-    return build_experiment(hparams, {"device": "cpu"}, prepare_synthetic, CTCFamily)
+    base = {"data_folder": str(data_dir), "output_folder": str(out), "model": model_dir,
+            "freeze_cnn": True, "vocabulary": "pretrained", "target_case": "upper",
+            "augmenter": None, "min_duration": 0.0, **overrides}
+    return build_experiment(load_yaml(YAML, base), {"device": "cpu"}, prepare_synthetic)
 
 
 def test_the_models_ids_head_and_case_are_kept(synthetic_subset, tmp_path, micro_ctc_960h_dir):
@@ -88,7 +84,7 @@ def test_a_vocabulary_left_by_another_run_is_refused(synthetic_subset, tmp_path,
     """An output folder whose label_encoder.txt came from `vocabulary: new` (or another model)
     would silently misalign the pretrained head's rows."""
     out = tmp_path / "run"
-    experiment(synthetic_subset, out, str(out / "tiny_encoder"), vocabulary="new",
-               target_case="lower", build_tiny_encoder=True, tiny_encoder=MICRO_ENCODER)
+    experiment(synthetic_subset, out, "tiny:wavlm", vocabulary="new", target_case="lower",
+               tiny_config=MICRO_ENCODER)
     with pytest.raises(ValueError, match="written for another vocabulary.*--output_folder"):
         experiment(synthetic_subset, out, micro_ctc_960h_dir)

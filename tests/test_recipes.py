@@ -44,22 +44,22 @@ def test_synthetic_recipe_trains_two_epochs_and_tests_the_best(tmp_path, languag
     out = tmp_path / "results"
     proc = run_recipe(RECIPE, [
         "hparams/wavlm_tiny.yaml", f"--language={language}", f"--data_folder={data}",
-        f"--output_folder={out}", f"--tiny_encoder={json.dumps(MICRO_ENCODER)}",
+        f"--output_folder={out}", f"--tiny_config={json.dumps(MICRO_ENCODER)}",
         "--number_of_epochs=2", "--max_batch_seconds=12", "--lr_encoder=0.003",
         "--lr_head=0.003", "--warmup_steps=5", "--device=cpu",
         # the override the yaml documents for turning waveform augmentation on
         *(["--augmenter=!ref <augmentation[augmenter]>"] if augment else []),
     ])
-    check_two_epoch_run(proc, out, ["save/label_encoder.txt", "tiny_encoder/config.json"])
+    check_two_epoch_run(proc, out, ["save/label_encoder.txt", "tiny_model/config.json"])
     if language == "da":
         assert re.search("[æøå]", (out / "save" / "label_encoder.txt").read_text())
 
 
 @pytest.mark.recipe
-def test_hub_id_with_tiny_flag_is_refused(tmp_path):
-    with pytest.raises(AssertionError, match="pass --build_tiny_encoder=False"):
+def test_hub_id_with_a_tiny_config_is_refused(tmp_path):
+    with pytest.raises(AssertionError, match="tiny_config is set but model=microsoft/wavlm-large"):
         run_recipe(RECIPE, ["hparams/wavlm_tiny.yaml", f"--output_folder={tmp_path}",
-                            "--encoder_hub=microsoft/wavlm-large"])
+                            "--model=microsoft/wavlm-large", '--tiny_config={hidden_size: 8}'])
 
 
 @pytest.mark.recipe
@@ -68,7 +68,7 @@ def test_rerunning_the_command_resumes_from_the_latest_checkpoint(tmp_path):
     write_subset(SYNTHETIC / "en", data / "en", {"train": 16, "valid": 4, "test": 4})
     out = tmp_path / "results"
     args = ["hparams/wavlm_tiny.yaml", f"--data_folder={data}", f"--output_folder={out}",
-            f"--tiny_encoder={json.dumps(MICRO_ENCODER)}", "--max_batch_seconds=12",
+            f"--tiny_config={json.dumps(MICRO_ENCODER)}", "--max_batch_seconds=12",
             "--device=cpu"]
     run_recipe(RECIPE, [*args, "--number_of_epochs=1"])
     proc = run_recipe(RECIPE, [*args, "--number_of_epochs=2"])
@@ -92,10 +92,10 @@ def test_synthetic_whisper_recipe_trains_two_epochs_and_tests_the_best(tmp_path,
     out = tmp_path / "results"
     proc = run_recipe(WHISPER_RECIPE, [
         "hparams/whisper_tiny.yaml", f"--language={language}", f"--data_folder={data}",
-        f"--output_folder={out}", f"--tiny_whisper={json.dumps(MICRO_WHISPER)}",
+        f"--output_folder={out}", f"--tiny_config={json.dumps(MICRO_WHISPER)}",
         "--number_of_epochs=2", "--max_batch_seconds=12", "--warmup_steps=5", "--device=cpu",
         "--augmenter=!ref <augmentation[augmenter]>",
     ])
-    alignments = check_two_epoch_run(proc, out, ["tiny_whisper/tokenizer.json"])
+    alignments = check_two_epoch_run(proc, out, ["tiny_model/tokenizer.json"])
     if language == "da":  # the references kept their letters through normalisation
         assert re.search("[æøå]", alignments)

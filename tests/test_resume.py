@@ -20,7 +20,7 @@ RECIPE = REPO / "recipes" / "Synthetic" / "CTC"
 
 def command(data, out):
     return [sys.executable, "train.py", "hparams/wavlm_tiny.yaml", f"--data_folder={data}",
-            f"--output_folder={out}", f"--tiny_encoder={json.dumps(MICRO_ENCODER)}",
+            f"--output_folder={out}", f"--tiny_config={json.dumps(MICRO_ENCODER)}",
             "--number_of_epochs=2", "--max_batch_seconds=8", "--valid_every_steps=2",
             "--num_workers=0", "--device=cpu", "--lr_encoder=0.003", "--lr_head=0.003",
             "--warmup_steps=5", "--num_to_keep=2"]

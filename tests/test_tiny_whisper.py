@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import SYNTHETIC
 
-from speechtune.models import build_tiny_whisper
 from speechtune.text import get_normalizer
+from speechtune.tiny import build_tiny_whisper
 
 TINY = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
         "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,

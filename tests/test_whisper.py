@@ -5,10 +5,9 @@ import pytest
 import speechbrain as sb
 import torch
 from conftest import MICRO_WHISPER, REPO, SYNTHETIC, write_subset
-from hyperpyyaml import load_hyperpyyaml
 
 from speechtune.prepare.synthetic import prepare_synthetic
-from speechtune.recipe import build_experiment
+from speechtune.recipe import build_experiment, load_yaml
 from speechtune.whisper import WhisperFamily, scoring_normalizer
 
 YAML = REPO / "recipes" / "Synthetic" / "Whisper" / "hparams" / "whisper_tiny.yaml"
@@ -17,16 +16,22 @@ YAML = REPO / "recipes" / "Synthetic" / "Whisper" / "hparams" / "whisper_tiny.ya
 def load(data_dir, out, **overrides):
     out.mkdir(parents=True, exist_ok=True)
     base = {"data_folder": str(data_dir), "output_folder": str(out),
-            "tiny_whisper": MICRO_WHISPER, "max_batch_seconds": 8, "number_of_epochs": 1,
+            "tiny_config": MICRO_WHISPER, "max_batch_seconds": 8, "number_of_epochs": 1,
             "min_duration": 0.0}
     base.update(overrides)
-    with open(YAML, encoding="utf-8") as f:
-        return load_hyperpyyaml(f, base)
+    return load_yaml(YAML, base)
+
+
+def built(hparams):
+    """The Whisper family with its model built (the checks that need the model run then)."""
+    family = WhisperFamily(hparams)
+    family.build_model(["a text", "another one"])
+    return family
 
 
 def experiment(data_dir, out, **overrides):
     hparams = load(data_dir, out, **overrides)
-    return build_experiment(hparams, {"device": "cpu"}, prepare_synthetic, WhisperFamily)
+    return build_experiment(hparams, {"device": "cpu"}, prepare_synthetic)
 
 
 def noam(peak, warmup, step):
@@ -131,7 +136,7 @@ def test_decoder_inputs_targets_and_padding(synthetic_subset, tmp_path):
 
 def test_english_only_model_has_no_language_or_task_token(synthetic_subset, tmp_path):
     micro_en = {**MICRO_WHISPER, "multilingual": False}
-    exp = experiment(synthetic_subset, tmp_path / "run", tiny_whisper=micro_en)
+    exp = experiment(synthetic_subset, tmp_path / "run", tiny_config=micro_en)
     batch = next(iter(exp.brain.make_dataloader(exp.train, sb.Stage.TRAIN, batch_size=2)))
     tok = exp.brain.tokenizer
     assert tok.convert_ids_to_tokens(batch.tokens_bos[0][0, :2].tolist()) == [
@@ -168,15 +173,14 @@ def test_misconfigurations_are_refused(synthetic_subset, tmp_path):
     write_subset(SYNTHETIC / "da", synthetic_subset / "da", {"train": 8, "valid": 2, "test": 2})
     micro_en = {**MICRO_WHISPER, "multilingual": False}
     with pytest.raises(ValueError, match="English-only Whisper"):
-        WhisperFamily(load(synthetic_subset, tmp_path / "a", tiny_whisper=micro_en,
-                           language="da"))
+        built(load(synthetic_subset, tmp_path / "a", tiny_config=micro_en, language="da"))
     with pytest.raises(ValueError, match="no effect with freeze_encoder: True"):
         WhisperFamily(load(synthetic_subset, tmp_path / "b", freeze_encoder=True,
                            freeze_encoder_steps=5))
-    hp = load(synthetic_subset, tmp_path / "c")
-    hp["test_search"].max_decode_ratio = 0.5  # 100 tokens after the prefix > 64 positions
+    # 100 tokens after the prefix > 64 positions
+    hp = load(synthetic_subset, tmp_path / "c", test_search={"max_decode_ratio": 0.5})
     with pytest.raises(ValueError, match="test_search: max_decode_ratio=0.5"):
-        WhisperFamily(hp)
+        built(hp)
 
 
 @pytest.mark.parametrize("where", ["memory", "folder"])
@@ -211,7 +215,7 @@ def test_encoder_cache_gives_the_loss_of_recomputing_and_skips_the_encoder(
             len(b.id) for b in batches)
         with pytest.raises(ValueError, match="holds outputs of"):
             experiment(synthetic_subset, tmp_path / "other", freeze_encoder=True,
-                       encoder_cache=cache_at, tiny_whisper=dict(MICRO_WHISPER, d_model=48))
+                       encoder_cache=cache_at, tiny_config=dict(MICRO_WHISPER, d_model=48))
 
 
 @pytest.mark.parametrize("overrides", [
@@ -220,5 +224,4 @@ def test_encoder_cache_gives_the_loss_of_recomputing_and_skips_the_encoder(
 ])
 def test_encoder_cache_refused_when_encoder_outputs_change(synthetic_subset, tmp_path, overrides):
     with pytest.raises(ValueError, match="encoder_cache=memory needs the same encoder output"):
-        WhisperFamily(load(synthetic_subset, tmp_path / "run", encoder_cache="memory",
-                           **overrides))
+        built(load(synthetic_subset, tmp_path / "run", encoder_cache="memory", **overrides))

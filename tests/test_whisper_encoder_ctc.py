@@ -72,18 +72,13 @@ def test_only_the_encoder_is_loaded_with_its_pretrained_weights(micro_whisper_en
 
 def experiment(data_dir, out, whisper, **overrides):
     """An in-process ``Experiment`` of the Whisper-encoder CTC yaml on the micro Whisper."""
-    from hyperpyyaml import load_hyperpyyaml
-
-    from speechtune.ctc import CTCFamily
     from speechtune.prepare.synthetic import prepare_synthetic
-    from speechtune.recipe import build_experiment
+    from speechtune.recipe import build_experiment, load_yaml
 
     out.mkdir(parents=True, exist_ok=True)
-    base = {"data_folder": str(data_dir), "output_folder": str(out), "whisper_hub": whisper,
+    base = {"data_folder": str(data_dir), "output_folder": str(out), "model": whisper,
             "number_of_epochs": 1, "batch_size": 4, "min_duration": 0.0, **overrides}
-    with open(YAML, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, base)
-    return build_experiment(hparams, {"device": "cpu"}, prepare_synthetic, CTCFamily)
+    return build_experiment(load_yaml(YAML, base), {"device": "cpu"}, prepare_synthetic)
 
 
 def test_staged_freezing_then_both_lr_groups_train(synthetic_subset, tmp_path,
@@ -133,7 +128,7 @@ def whisper_ctc_run(tmp_path_factory, micro_whisper_en_dir):
     write_subset(SYNTHETIC / "en", data / "en", {"train": 16, "valid": 6, "test": 10})
     out = tmp_path_factory.mktemp("run")
     proc = run_recipe(CTC, [
-        "hparams/whisper_base_encoder.yaml", f"--whisper_hub={micro_whisper_en_dir}",
+        "hparams/whisper_base_encoder.yaml", f"--model={micro_whisper_en_dir}",
         f"--data_folder={data}", f"--output_folder={out}", "--number_of_epochs=1",
         "--batch_size=4", "--eval_batch_size=4", "--valid_every_steps=2",
         "--freeze_encoder_steps=2", "--warmup_steps=2", "--lr_encoder=1e-6", "--lr_head=1e-6",
