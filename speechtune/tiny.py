@@ -60,7 +60,7 @@ PRESETS = {
         "mask_time_length": 5,          # frames
         "vocab_size": 32,
     }),
-    "whisper": ("whisper", {
+    "whisper": ("encoder-decoder", {
         "multilingual": True,           # language + task prefix, like openai/whisper-small
         "bpe_vocab_size": 500,          # BPE tokens learnt from the training text
         "num_mel_bins": 80,
@@ -87,7 +87,8 @@ def resolve_source(source, build_dir, kind, texts=(), window_seconds=None, confi
     """``source`` as given, or for ``tiny:<preset>`` the folder of that preset's model, built
     once in ``build_dir`` (DDP-safe; rebuilt when the config or ``texts`` change).
 
-    ``kind``: what the family loads (``encoder`` or ``whisper``), checked against the preset's.
+    ``kind``: what the family loads (``encoder`` or ``encoder-decoder``), checked against the
+    preset's.
     ``texts``: normalised transcripts a Whisper preset's BPE is trained on; ``window_seconds``:
     a Whisper preset's input window (None: 30 s); ``config``: values replacing the preset's
     (the yaml's ``tiny_config``, e.g. a smaller model for tests)."""
@@ -105,11 +106,11 @@ def resolve_source(source, build_dir, kind, texts=(), window_seconds=None, confi
     preset_kind, preset = PRESETS[name]
     if preset_kind != kind:
         fits = ", ".join(PREFIX + p for p, (k, _) in PRESETS.items() if k == kind)
-        raise ValueError(f"model={source} is a {preset_kind} model, but this recipe loads a "
-                         f"{kind}: use {fits}, a hub id or a local folder")
+        raise ValueError(f"model={source} is an {preset_kind} model, but this recipe loads "
+                         f"{kind} models: use {fits}, a hub id or a local folder")
     config = {**preset, **({"chunk_length": 30 if window_seconds is None else window_seconds}
-                           if kind == "whisper" else {}), **dict(config or {})}
-    if kind == "whisper":
+                           if kind == "encoder-decoder" else {}), **dict(config or {})}
+    if kind == "encoder-decoder":
         texts = list(texts)
         config["texts_sha1"] = hashlib.sha1("\n".join(sorted(set(texts))).encode()).hexdigest()
     path = Path(build_dir)
@@ -120,7 +121,7 @@ def resolve_source(source, build_dir, kind, texts=(), window_seconds=None, confi
         if marker.exists() and json.loads(marker.read_text()) == wanted:
             return
         build = dict(config)
-        if kind == "whisper":
+        if kind == "encoder-decoder":
             del build["texts_sha1"]
             build_tiny_whisper(path, texts, **build)
         else:

@@ -156,7 +156,7 @@ class WhisperFamily(Family):
         language = hp["language"]
         normalize = get_normalizer(language)
         self.source = source = tiny.resolve_source(
-            hp["model"], Path(hp["output_folder"]) / "tiny_model", "whisper",
+            hp["model"], Path(hp["output_folder"]) / "tiny_model", "encoder-decoder",
             texts=[normalize(t) for t in train_texts], window_seconds=hp["window_seconds"],
             config=hp["tiny_config"])
         self.whisper = hp["whisper"](source=source)

@@ -69,7 +69,7 @@ def test_loads_and_builds_with_a_tiny_model(path, tmp_path, micro_encoder_dir,
     if re.search(r"^window_seconds:", text, re.M):  # a shorter window than the model's
         overrides["window_seconds"] = 4
     hparams = load_yaml(path, json.loads(json.dumps(overrides)))
-    assert not list(tmp_path.rglob("*.json"))  # loading built no model (the checkpointer its folder)
+    assert not list(tmp_path.rglob("*.json"))  # loading built no model (only folders)
     family = family_of(hparams)(hparams)
     family.build_model(["en tekst", "another text"])
     if hparams["family"] == "ctc":  # 20 ms frames: WavLM's CNN has one fewer (25 ms field)

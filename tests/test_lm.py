@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 from conftest import MICRO_ENCODER, REPO, SYNTHETIC, experiment
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.metric_stats import ErrorRateStats
 
@@ -29,6 +28,7 @@ from speechtune.ngram import (
     read_sentences,
 )
 from speechtune.prepare.synthetic import prepare_synthetic
+from speechtune.recipe import load_yaml
 
 YAML = REPO / "recipes" / "Synthetic" / "CTC" / "hparams" / "wavlm_tiny.yaml"
 
@@ -192,27 +192,20 @@ def log_probs_for(text, vocab, position, wrong):
     return torch.stack(frames).log()
 
 
-def decoding_section(path):
-    """The yaml's decoding section, loaded on its own (it refers to nothing outside itself)."""
-    text = path.read_text(encoding="utf-8")
-    section = text.split("# ---------------------------------------------------------------- "
-                         "decoding\n")[1].split("\n# ----")[0]
-    return load_hyperpyyaml(section)
-
-
 @pytest.fixture
 def lm_setup(tmp_path):
     """A vocabulary, an ARPA trigram of LM_TEXT and decoding hparams as the yaml has them."""
     arpa = tmp_path / "lm.arpa"
     build_lm([t.split() for t in LM_TEXT], 3, [0], arpa)
     tokenizer = build_char_vocab(LM_TEXT, tmp_path / "labels.txt")
-    hparams = decoding_section(YAML)  # the recipe's own searcher settings
+    # the recipe's own searcher settings (loading the yaml builds no model)
+    hparams = dict(load_yaml(YAML, {"output_folder": str(tmp_path / "run")}))
     hparams.update(decoding="beam_lm", lm_path=str(arpa), lm_weights="fixed", lm_alpha=0.5,
                    lm_beta=1.0, blank_index=0, output_folder=str(tmp_path / "run"),
                    wer_computer=ErrorRateStats, target_case="lower")
     vocab = lm.vocab_list(tokenizer)
     # the "a" of "cat" heard as "u": "cut" is a word the LM knows too, only its context rejects it
-    utt = lm.Utterance("u1", log_probs_for(TARGET, vocab, 5, "u"), TARGET.split())
+    utt = lm_tuning.Utterance("u1", log_probs_for(TARGET, vocab, 5, "u"), TARGET.split())
     return hparams, tokenizer, utt
 
 
@@ -229,7 +222,7 @@ def test_lm_fixes_what_greedy_and_beam_get_wrong(lm_setup):
     decoder = lm.build_test_decoder(hparams, tokenizer)
     assert decoder.searcher.lm is not None
     assert decode(decoder, utt) == ["the", "cat", "sat"]
-    wers = [lm.decode_and_score(d, [utt], hparams["wer_computer"])[0]
+    wers = [lm_tuning.decode_and_score(d, [utt], hparams["wer_computer"])[0]
             for d in (greedy, decoder)]
     assert wers[1] < wers[0]
 
@@ -237,14 +230,15 @@ def test_lm_fixes_what_greedy_and_beam_get_wrong(lm_setup):
 def test_tuning_writes_its_table_and_test_decoding_reads_it(lm_setup, caplog):
     hparams, tokenizer, utt = lm_setup
     searcher = lm.make_searcher(hparams, tokenizer, "beam_lm", 0.0, 0.0)
-    rows = lm.grid_search(searcher, [utt], [0.0, 0.5, 1.0], [0.0, 1.0], hparams["wer_computer"])
+    rows = lm_tuning.grid_search(searcher, [utt], [0.0, 0.5, 1.0], [0.0, 1.0],
+                                 hparams["wer_computer"])
     assert [(r["alpha"], r["beta"]) for r in rows][:3] == [(0.0, 0.0), (0.0, 1.0), (0.5, 0.0)]
     assert rows[0]["WER"] > 0  # without LM weight the wrong word wins
-    best = lm.best_row(rows)
+    best = lm_tuning.best_row(rows)
     assert best["WER"] == 0 and best["alpha"] > 0
     folder = lm.tuned_weights_path(hparams).parent
-    lm.write_tuning(folder, rows, best, {"lm_path": hparams["lm_path"], "checkpoint": "CKPT+x",
-                                         "greedy_WER": 33.3})
+    lm_tuning.write_tuning(folder, rows, best, {"lm_path": hparams["lm_path"],
+                                                "checkpoint": "CKPT+x", "greedy_WER": 33.3})
     table = (folder / "grid.md").read_text()
     assert "| alpha \\ beta | 0 | 1 |" in table and "**0.00**" in table
     assert (folder / "grid.csv").read_text().count("\n") == 7

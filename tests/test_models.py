@@ -45,7 +45,8 @@ def test_tiny_presets_build_once_and_other_sources_pass_through(tmp_path):
         resolve_source("microsoft/wavlm-large", tmp_path, "encoder", config=MICRO_ENCODER)
     with pytest.raises(ValueError, match="no such tiny preset; use one of tiny:wavlm"):
         resolve_source("tiny:hubert", tmp_path, "encoder")
-    with pytest.raises(ValueError, match="is a whisper model, but this recipe loads a encoder"):
+    with pytest.raises(ValueError,
+                       match="is an encoder-decoder model, but this recipe loads encoder models"):
         resolve_source("tiny:whisper", tmp_path, "encoder")
     built = resolve_source("tiny:wavlm", tmp_path / "t", "encoder", config=MICRO_ENCODER)
     assert built == str(tmp_path / "t")
@@ -71,7 +72,7 @@ def test_every_process_enters_the_collective_whatever_it_finds_on_disk(tmp_path,
 
     monkeypatch.setattr(tiny, "run_on_main", run_on_main)
     built = resolve_source("tiny:wavlm", tmp_path / "t", "encoder", config=MICRO_ENCODER)
-    resolve_source("tiny:wavlm", built, "encoder", config=MICRO_ENCODER)  # built: same collectives
+    resolve_source("tiny:wavlm", built, "encoder", config=MICRO_ENCODER)  # built: same calls
     assert len(entered) == 2
     resolve_source("microsoft/wavlm-large", tmp_path, "encoder")
     assert len(entered) == 2  # no tiny model: no collective on any process

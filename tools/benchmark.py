@@ -159,7 +159,8 @@ def build_model(family, config, folder, texts):
 def experiment_for(args, yaml_path, overrides, run_opts, out):
     """Load the recipe yaml with ``overrides`` and build its experiment like ``train.py``."""
     argv = [str(REPO / "recipes" / yaml_path), f"--output_folder={out}",
-            *(f"--{k}={json.dumps(v)}" for k, v in overrides.items())]
+            *(f"--{k}={v if isinstance(v, str) else json.dumps(v)}"
+              for k, v in overrides.items())]
     hparams, _ = load_hparams(argv, record=False)
     Path(out).mkdir(parents=True, exist_ok=True)
     return build_experiment(hparams, {"device": args.device, **run_opts},

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The sweep behind the choice of the tiny Whisper default (README "Alternatives tried"): eight
+# The sweep behind the choice of the tiny Whisper default (docs/results.md): eight
 # variants of hparams/whisper_tiny.yaml trained side by side on one GPU, each to its own folder
 # under $SWEEP_OUT, then one line per run with its test WER/CER.
 #
@@ -9,7 +9,7 @@ set -u
 DEVICE=${DEVICE:-cuda:0}
 SWEEP_OUT=${SWEEP_OUT:-results/sweep}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
-# tiny_whisper config: d_model, encoder layers, decoder layers, ffn width, init std
+# tiny_config (the tiny:whisper preset's values): d_model, encoder layers, decoder layers, ffn width, init std
 cfg() { echo "{multilingual: True, bpe_vocab_size: 500, chunk_length: 4, num_mel_bins: 80," \
   "d_model: $1, encoder_layers: $2, decoder_layers: $3, encoder_attention_heads: 4," \
   "decoder_attention_heads: 4, encoder_ffn_dim: $4, decoder_ffn_dim: $4," \
@@ -25,16 +25,16 @@ mkdir -p "$SWEEP_OUT"
 L="--lr=0.002 --warmup_steps=100"
 # d256, 4+2 layers, LR 1e-3 (the first default), with the HF init std and larger ones
 run d256_i02_x20 --number_of_epochs=20 --lr=0.001 --warmup_steps=200 \
-  --tiny_whisper="$(cfg 256 4 2 1024 0.02)"
+  --tiny_config="$(cfg 256 4 2 1024 0.02)"
 run d256_i10_x8 --number_of_epochs=8 --lr=0.001 --warmup_steps=200 \
-  --tiny_whisper="$(cfg 256 4 2 1024 0.1)"
+  --tiny_config="$(cfg 256 4 2 1024 0.1)"
 # d128, 2+1 layers: init std, LR, depth, batch size
-run d128_i05_x30 --number_of_epochs=30 $L --tiny_whisper="$(cfg 128 2 1 512 0.05)"
-run d128_i10_x30 --number_of_epochs=30 $L --tiny_whisper="$(cfg 128 2 1 512 0.1)"
+run d128_i05_x30 --number_of_epochs=30 $L --tiny_config="$(cfg 128 2 1 512 0.05)"
+run d128_i10_x30 --number_of_epochs=30 $L --tiny_config="$(cfg 128 2 1 512 0.1)"
 run d128_i02_lr3_x30 --number_of_epochs=30 --lr=0.003 --warmup_steps=100 \
-  --tiny_whisper="$(cfg 128 2 1 512 0.02)"
-run d128_enc3_i10_x30 --number_of_epochs=30 $L --tiny_whisper="$(cfg 128 3 1 512 0.1)"
-run d128_dec2_i10_x30 --number_of_epochs=30 $L --tiny_whisper="$(cfg 128 2 2 512 0.1)"
+  --tiny_config="$(cfg 128 2 1 512 0.02)"
+run d128_enc3_i10_x30 --number_of_epochs=30 $L --tiny_config="$(cfg 128 3 1 512 0.1)"
+run d128_dec2_i10_x30 --number_of_epochs=30 $L --tiny_config="$(cfg 128 2 2 512 0.1)"
 run d128_i10_b20_x30 --number_of_epochs=30 $L --max_batch_seconds=20 \
-  --tiny_whisper="$(cfg 128 2 1 512 0.1)"
+  --tiny_config="$(cfg 128 2 1 512 0.1)"
 wait
