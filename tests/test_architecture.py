@@ -6,7 +6,7 @@ import inspect
 from pathlib import Path
 
 import speechbrain
-from conftest import REPO
+from fakes import REPO
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 

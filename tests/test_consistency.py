@@ -4,7 +4,7 @@ and train.py; every test the bad-input catalogue names exists."""
 import re
 
 import pytest
-from conftest import REPO
+from fakes import REPO
 
 READMES = sorted(p for p in REPO.rglob("README.md")  # not in .venv, .pytest_cache or results
                  if not any(part.startswith(".") or part == "results"
@@ -75,7 +75,7 @@ def test_every_test_the_bad_input_catalogue_names_exists():
     catalogue = REPO / "docs" / "bad_inputs.md"
     assert catalogue.is_file(), "docs/bad_inputs.md, the bad-input catalogue, is missing"
     text = catalogue.read_text(encoding="utf-8")
-    named = sorted(set(re.findall(r"`(tests/\w+\.py)::(\w+)`", text)))
+    named = sorted(set(re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text)))
     assert named, "docs/bad_inputs.md names no test"
     missing = []
     for path, test in named:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SYNTHETIC, experiment, write_subset
+from fakes import REPO, SYNTHETIC, experiment, write_subset
 from speechbrain.utils.checkpoints import Checkpointer
 
 TOOL = REPO / "tools" / "checkpoints.py"

@@ -4,7 +4,7 @@ Whisper: Noam LR per optimizer step, frozen encoder, decoder inputs/targets, tex
 import pytest
 import speechbrain as sb
 import torch
-from conftest import MICRO_WHISPER, REPO, SYNTHETIC, write_subset
+from fakes import MICRO_WHISPER, REPO, SYNTHETIC, write_subset
 
 from speechtune.prepare.synthetic import prepare_synthetic
 from speechtune.recipe import build_experiment, load_yaml

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
-from conftest import REPO, SYNTHETIC, coral_schema, write_parquet
+from fakes import REPO, SYNTHETIC, coral_schema, write_parquet
 
 from speechtune.data import Manifests
 from speechtune.prepare import coral

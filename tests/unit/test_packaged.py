@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import SYNTHETIC
+from fakes import SYNTHETIC
 
 from speechtune import packaged
 from speechtune.ct2 import CT2FormatError, convert_ct2_whisper, read_ct2_model

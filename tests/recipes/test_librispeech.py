@@ -2,36 +2,14 @@
 
 import csv
 import json
-import shutil
 
 import pytest
-from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe
+from fakes import MICRO_ENCODER, MICRO_WHISPER, REPO, fake_librispeech, run_recipe
 
 from speechtune.prepare.librispeech import prepare_librispeech
 from speechtune.tiny import build_tiny_whisper
 
 RECIPE = REPO / "recipes" / "LibriSpeech" / "CTC"
-
-
-def fake_librispeech(root, per_split=None):
-    """<root>/<split>/<spk>/<chapter>/<spk>-<chapter>-<n>.flac + <spk>-<chapter>.trans.txt,
-    made from bundled English audio, transcripts upper-case like the real corpus."""
-    per_split = per_split or {"train-clean-100": ("train", 24), "dev-clean": ("valid", 6),
-                              "test-clean": ("test", 6), "test-other": ("test", 4)}
-    for split, (src, n) in per_split.items():
-        rows = list(csv.DictReader(open(SYNTHETIC / "en" / f"{src}.csv", encoding="utf-8")))[:n]
-        by_chapter = {}
-        for i, row in enumerate(rows):
-            spk, chapter = str(100 + i % 2), str(7 + i % 2)
-            d = root / split / spk / chapter
-            d.mkdir(parents=True, exist_ok=True)
-            utt = f"{spk}-{chapter}-{i:04d}"
-            shutil.copy(row["wav"].replace("$data_root", str(SYNTHETIC)), d / f"{utt}.flac")
-            by_chapter.setdefault(d / f"{spk}-{chapter}.trans.txt", []).append(
-                f"{utt} {row['wrd'].upper()}")
-        for path, lines in by_chapter.items():
-            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
 
 
 def test_prepare_writes_the_manifest_contract(tmp_path):

@@ -3,7 +3,7 @@ upper case, `|` between words), the case check, and models trained without atten
 
 import pytest
 import torch
-from conftest import MICRO_ENCODER, REPO, VOCAB_960H
+from fakes import MICRO_ENCODER, REPO, VOCAB_960H
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
 from speechtune.models import SSLEncoder

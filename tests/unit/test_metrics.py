@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import experiment
+from fakes import experiment
 
 from speechtune.metrics import bootstrap_interval, group_rows, markdown
 

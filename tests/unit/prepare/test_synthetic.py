@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import soundfile as sf
-from conftest import REPO, SYNTHETIC
+from fakes import REPO, SYNTHETIC
 
 from speechtune.data import REQUIRED_COLUMNS, read_manifest
 

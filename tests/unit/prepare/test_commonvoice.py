@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
-from conftest import CV_HEADER, REPO, SYNTHETIC
+from fakes import CV_HEADER, REPO, SYNTHETIC
 
 from speechtune.data import Manifests, load_audio, read_manifest
 from speechtune.prepare import commonvoice

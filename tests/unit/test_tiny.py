@@ -5,7 +5,7 @@ import csv
 
 import pytest
 import torch
-from conftest import SYNTHETIC
+from fakes import SYNTHETIC
 
 from speechtune.text import get_normalizer
 from speechtune.tiny import build_tiny_whisper

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SYNTHETIC, run_recipe, write_subset
+from fakes import REPO, SYNTHETIC, run_recipe, write_subset
 from test_export import hypotheses, offline_python, split_files, tool, transcribe_split
 
 CTC = REPO / "recipes" / "Synthetic" / "CTC"

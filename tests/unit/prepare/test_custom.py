@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import SYNTHETIC
+from fakes import SYNTHETIC
 
 from speechtune import data
 from speechtune.prepare.custom import ManifestError, prepare_custom, prepare_manifest

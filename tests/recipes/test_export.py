@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe, write_subset
+from fakes import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe, write_subset
 
 CTC = REPO / "recipes" / "Synthetic" / "CTC"
 WHISPER = REPO / "recipes" / "Synthetic" / "Whisper"

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import MICRO_ENCODER, REPO, SYNTHETIC, write_subset
+from fakes import MICRO_ENCODER, REPO, SYNTHETIC, write_subset
 from speechbrain.utils.checkpoints import Checkpointer
 
 RECIPE = REPO / "recipes" / "Synthetic" / "CTC"

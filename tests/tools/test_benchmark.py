@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from fakes import REPO
 
 
 def test_benchmark_runs_two_steps_on_cpu_and_writes_json_and_markdown(tmp_path):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, write_subset
+from fakes import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, write_subset
 from speechbrain.dataio.sampler import DistributedSamplerWrapper
 
 from speechtune import data

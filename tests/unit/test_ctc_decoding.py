@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 import yaml
-from conftest import MICRO_ENCODER, REPO, SYNTHETIC, experiment
+from fakes import MICRO_ENCODER, REPO, SYNTHETIC, experiment
 from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.metric_stats import ErrorRateStats
 

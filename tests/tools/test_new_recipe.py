@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe, write_subset
+from fakes import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe, write_subset
 
 TOOL = REPO / "tools" / "new_recipe.py"
 CTC, WHISPER = "recipes/Synthetic/CTC", "recipes/Synthetic/Whisper"

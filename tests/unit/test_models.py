@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import MICRO_ENCODER
+from fakes import MICRO_ENCODER
 
 from speechtune.models import SSLEncoder
 from speechtune.tiny import build_tiny_encoder, resolve_source

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import (
+from fakes import (
     MICRO_ENCODER,
     REPO,
     VOCAB_960H,

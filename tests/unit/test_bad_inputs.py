@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import experiment
+from fakes import experiment
 from test_preflight import check, clean_splits, make_wav
 
 from speechtune.data import load_audio

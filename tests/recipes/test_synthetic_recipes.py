@@ -5,7 +5,7 @@ import re
 
 import pytest
 import yaml
-from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe, write_subset
+from fakes import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe, write_subset
 
 RECIPE = REPO / "recipes" / "Synthetic" / "CTC"
 

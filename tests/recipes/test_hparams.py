@@ -4,30 +4,31 @@ import json
 import re
 
 import pytest
-from conftest import MICRO_ENCODER, MICRO_WHISPER, REPO
+from fakes import MICRO_ENCODER, MICRO_WHISPER, REPO
 
 from speechtune.recipe import family_of, load_yaml
 
 # the collection's own recipes; one a user made with tools/new_recipe.py (its header says so) is
-# theirs, and tests/test_new_recipe.py covers what the tool writes
+# theirs, and tests/tools/test_new_recipe.py covers what the tool writes
 HPARAMS = sorted(p for p in REPO.glob("recipes/*/*/hparams/*.yaml")
                  if "copied by tools/new_recipe.py" not in p.read_text(encoding="utf-8"))
-# hparams file -> the test that runs it end to end
+# hparams file -> the test (under tests/) that runs it end to end
 RECIPE_TESTS = {
-    "recipes/Synthetic/CTC/hparams/wavlm_tiny.yaml": "tests/test_recipes.py",
-    "recipes/Synthetic/CTC/hparams/whisper_base_encoder.yaml": "tests/test_whisper_encoder_ctc.py",
-    "recipes/LibriSpeech/CTC/hparams/wavlm_large.yaml": "tests/test_librispeech.py",
-    "recipes/LibriSpeech/CTC/hparams/wavlm_large_paper.yaml": "tests/test_librispeech.py",
-    "recipes/Synthetic/Whisper/hparams/whisper_tiny.yaml": "tests/test_recipes.py",
-    "recipes/Synthetic/Whisper/hparams/whisper_base.yaml": "tests/test_export.py",
-    "recipes/LibriSpeech/Whisper/hparams/whisper_small_en.yaml": "tests/test_librispeech.py",
+    "recipes/Synthetic/CTC/hparams/wavlm_tiny.yaml": "recipes/test_synthetic_recipes.py",
+    "recipes/Synthetic/CTC/hparams/whisper_base_encoder.yaml":
+        "recipes/test_whisper_encoder_ctc.py",
+    "recipes/LibriSpeech/CTC/hparams/wavlm_large.yaml": "recipes/test_librispeech.py",
+    "recipes/LibriSpeech/CTC/hparams/wavlm_large_paper.yaml": "recipes/test_librispeech.py",
+    "recipes/Synthetic/Whisper/hparams/whisper_tiny.yaml": "recipes/test_synthetic_recipes.py",
+    "recipes/Synthetic/Whisper/hparams/whisper_base.yaml": "recipes/test_export.py",
+    "recipes/LibriSpeech/Whisper/hparams/whisper_small_en.yaml": "recipes/test_librispeech.py",
     # the small recipe with another model name (a test in test_librispeech.py checks that)
-    "recipes/LibriSpeech/Whisper/hparams/whisper_medium_en.yaml": "tests/test_librispeech.py",
-    "recipes/CommonVoice/CTC/hparams/wav2vec2_large_960h_en.yaml": "tests/test_corpus_recipes.py",
-    "recipes/CommonVoice/CTC/hparams/xls_r_300m.yaml": "tests/test_corpus_recipes.py",
-    "recipes/CommonVoice/Whisper/hparams/whisper_small.yaml": "tests/test_corpus_recipes.py",
-    "recipes/CoRal/CTC/hparams/xls_r_300m_da.yaml": "tests/test_corpus_recipes.py",
-    "recipes/CoRal/Whisper/hparams/whisper_small_da.yaml": "tests/test_corpus_recipes.py",
+    "recipes/LibriSpeech/Whisper/hparams/whisper_medium_en.yaml": "recipes/test_librispeech.py",
+    "recipes/CommonVoice/CTC/hparams/wav2vec2_large_960h_en.yaml": "recipes/test_corpus_recipes.py",
+    "recipes/CommonVoice/CTC/hparams/xls_r_300m.yaml": "recipes/test_corpus_recipes.py",
+    "recipes/CommonVoice/Whisper/hparams/whisper_small.yaml": "recipes/test_corpus_recipes.py",
+    "recipes/CoRal/CTC/hparams/xls_r_300m_da.yaml": "recipes/test_corpus_recipes.py",
+    "recipes/CoRal/Whisper/hparams/whisper_small_da.yaml": "recipes/test_corpus_recipes.py",
 }
 
 
@@ -36,7 +37,7 @@ def test_every_hparams_file_has_a_recipe_test():
     assert rel == set(RECIPE_TESTS), "add the new hparams file to RECIPE_TESTS and test it"
     for yaml, test in RECIPE_TESTS.items():
         name = yaml.rsplit("/", 1)[1]
-        assert name in (REPO / test).read_text(), f"{test} does not run {yaml}"
+        assert name in (REPO / "tests" / test).read_text(), f"{test} does not run {yaml}"
 
 
 @pytest.mark.parametrize("path", HPARAMS, ids=lambda p: p.relative_to(REPO).as_posix())

@@ -6,7 +6,7 @@ import logging
 import pytest
 import speechbrain as sb
 import torch
-from conftest import experiment
+from fakes import experiment
 
 
 def noam(peak, warmup, step):

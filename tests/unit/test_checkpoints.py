@@ -90,7 +90,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_to_resume(tmp_path
 
 
 def test_an_unwritable_results_folder_stops_before_any_work(tmp_path):
-    from conftest import REPO
+    from fakes import REPO
 
     from speechtune.recipe import load_hparams
 
