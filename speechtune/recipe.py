@@ -226,6 +226,12 @@ def family_of(hparams, family=None):
     return family
 
 
+def yaml_family(hparams_file):
+    """The family class a recipe yaml names (its composed ``family`` key), read without loading
+    the yaml (nothing is constructed, no folder made)."""
+    return families.get(str(compose(hparams_file)["family"]))
+
+
 def build_experiment(hparams, run_opts, prepare, family=None):
     """Prepare data, read the manifests, drop training utterances outside the duration limits,
     then run the family's ordered ``setup`` (``speechtune.family``), the pre-flight checks

@@ -47,7 +47,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from speechtune.data import Manifests, write_manifest
-from speechtune.recipe import build_experiment, family_of, load_hparams
+from speechtune.recipe import build_experiment, load_hparams, yaml_family
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = REPO / "recipes" / "Synthetic" / "data"
@@ -141,13 +141,6 @@ def prepare_fixed(train, valid):
 
 
 # ---------------------------------------------------------------------------- models
-def yaml_family(yaml_path):
-    """The family class of a recipe yaml (its ``family`` key)."""
-    hparams, _ = load_hparams([str(REPO / "recipes" / yaml_path), "--output_folder=unused"],
-                              record=False)
-    return family_of(hparams)
-
-
 def build_model(family, config, folder, texts):
     """A random-init model of real size in HF format (built once per ``folder``)."""
     folder = Path(folder)
@@ -451,7 +444,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
 
     yaml_path, config = MODELS[args.model]
-    family = yaml_family(yaml_path)
+    family = yaml_family(REPO / "recipes" / yaml_path)
     tiny = config is None
     args.data = args.data or ("bundled" if tiny else "librispeech-like")
     if not tiny:  # the issue's reference batches: 16 x 12.5 s (CTC), 32 windows (Whisper)

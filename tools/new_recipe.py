@@ -43,7 +43,7 @@ from speechtune.prepare.custom import (
     prepare_custom,
     read_rows,
 )
-from speechtune.recipe import build_experiment, family_of, load_hparams
+from speechtune.recipe import build_experiment, load_hparams, yaml_family
 from speechtune.text import get_normalizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,9 +80,7 @@ def source_recipe(path, hparams_name):
         given = "no --hparams" if hparams_name is None else f"--hparams {hparams_name}"
         raise RecipeError(f"{given}: pass one of {yamls} (in {path}/hparams)")
     src_yaml = folder / "hparams" / hparams_name
-    hparams, _ = load_hparams([str(src_yaml), "--output_folder=unused", "--data_folder=unused"],
-                              record=False)
-    return folder, family_of(hparams), src_yaml
+    return folder, yaml_family(src_yaml), src_yaml
 
 
 def corpus_manifests(corpus, out):
@@ -404,7 +402,7 @@ def main(argv=None):
             (out / "brain.py").write_text(brain_py(family), encoding="utf-8")
         made_out = False  # the recipe exists now: kept whatever the checks say
         written = ["train.py", yaml_rel, "README.md", *(["brain.py"] if args.fork else [])]
-        say(f"wrote {recipe_name}/: {', '.join(written)} (from {source}, {family}, "
+        say(f"wrote {recipe_name}/: {', '.join(written)} (from {source}, {family.__name__}, "
             f"language {args.language})")
         if "$data_root" in Path(manifests["train"]).read_text(encoding="utf-8"):
             say(f"$data_root in the manifests' audio paths = {root} (data_folder in the yaml)")

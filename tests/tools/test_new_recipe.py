@@ -48,6 +48,7 @@ def test_danish_ctc_recipe_from_the_bundled_data_trains_one_epoch(tmp_path):
     proc = new_recipe("--from", CTC, "--language", "da", "--corpus", "recipes/Synthetic/data/da",
                       "--out", str(out), "--no_dry_run", "--set", MICRO_CTC, "--set", "device=cpu")
     log = proc.stdout
+    assert "(from recipes/Synthetic/CTC, CTCFamily, language da)" in log
     assert f"$data_root in the manifests' audio paths = {SYNTHETIC}" in log
     assert "train: 267 utterances" in log and "test: 30 utterances" in log
     vocab = re.search(r"CTC vocabulary \(\d+ characters \+ blank \+ unk\): (\S+)", log)[1]
