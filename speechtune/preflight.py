@@ -265,13 +265,15 @@ def run_preflight(splits, vocab, label_check, mode="error",
                            ", ".join(f"{p.split}/{p.utt_id}" for p in cut[:3]), report_path)
     problems = [p for p in report.problems if p.kind not in WARNINGS]
     fatal = [p for p in problems if mode == "error" or p.split != "train"]
+    seconds = {(split, row["ID"]): float(row["duration"])
+               for split, rows in splits.items() for row in rows}
     if fatal:
         kinds = Counter(p.kind for p in fatal)
         lines = []
         for kind, n in kinds.items():
             found = [p for p in fatal if p.kind == kind]
             if kind == "beyond_window":  # the longest first: the fix names it
-                found.sort(key=lambda p: -float(p.detail.split()[0]))
+                found.sort(key=lambda p: -seconds[p.split, p.utt_id])
             examples = [f"{p.split}/{p.utt_id} ({p.detail})" for p in found][:3]
             lines.append(f"  {kind}: {n} utterance(s), e.g. {'; '.join(examples)}\n"
                          f"    fix: {FIXES[kind]}")
