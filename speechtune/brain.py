@@ -34,6 +34,7 @@ from speechbrain.nnet.schedulers import TriStageLRSchedule
 from speechbrain.utils.checkpoints import average_checkpoints
 from speechbrain.utils.distributed import ddp_all_reduce
 
+from speechtune import adapters
 from speechtune.checkpoints import RNGState
 from speechtune.metrics import group_rows, write_group_report
 from speechtune.outputs import write_curves
@@ -66,7 +67,9 @@ class FineTuneBrain(BrainCompat):
     def checkpoint_contents(self):
         """Everything a checkpoint holds, by its file name in the checkpoint folder:
 
-        - each module (``modules()`` of the family: ``encoder`` + ``head``, or ``whisper``);
+        - each module (``modules()`` of the family: ``encoder`` + ``head``, or ``whisper``): its
+          whole state, or for a module with LoRA adapters only what trains in it
+          (``speechtune.adapters.save_trainable``: the frozen weights are the source model's);
         - ``<group>_lr_scheduler`` and, once training starts, ``<group>_opt`` per ``optim``
           group;
         - ``counter`` (epochs done), ``history`` (loss/WER curves), ``rng`` (the random
@@ -90,8 +93,13 @@ class FineTuneBrain(BrainCompat):
         if self.checkpointer is None:
             return
         for name, (obj, optional) in self.checkpoint_contents().items():
-            if name not in self.checkpointer.recoverables:
-                self.checkpointer.add_recoverable(name, obj, optional_load=optional)
+            if name in self.checkpointer.recoverables:
+                continue
+            hooks = {}
+            if isinstance(obj, torch.nn.Module) and adapters.is_adapted(obj):
+                hooks = {"custom_save_hook": adapters.save_trainable,
+                         "custom_load_hook": adapters.load_trainable}
+            self.checkpointer.add_recoverable(name, obj, optional_load=optional, **hooks)
 
     # ------------------------------------------------------------------ to override
     def parameter_groups(self):
@@ -370,8 +378,8 @@ class FineTuneBrain(BrainCompat):
         if self.averaged_from == [c.path.name for c in found]:
             return  # another split: the modules already hold this average (no re-reading)
         super().on_evaluate_start(max_key=max_key, min_key=min_key)
-        for name, module in self.modules.items():
-            module.load_state_dict(average_checkpoints(found, name))
+        for name, module in self._own_modules.items():
+            adapters.load_weights(module, average_checkpoints(found, name))
         self.averaged_from = [c.path.name for c in found]
         logger.info("testing the average of the %d best checkpoints by %s: %s", n, min_key,
                     ", ".join(self.averaged_from))

@@ -8,7 +8,9 @@ export (``speechtune.ctc_export``) and its tools' model builder. Keys read here 
 ones (``hparams/ctc.yaml`` declares them all): ``model`` (the encoder's source), ``encoder`` (the
 encoder wrapper, built with that source), ``head``; ``augmenter`` (``null`` = no augmentation);
 ``optim`` groups ``encoder`` and ``head``; ``blank_index``; ``speeds``; ``vocabulary`` and
-``target_case`` (below); the decoding keys of ``speechtune.ctc_decoding``.
+``target_case`` (below); the decoding keys of ``speechtune.ctc_decoding``; ``lora``, ``lora_*``
+and ``gradient_checkpointing`` (``speechtune.adapters``: LoRA in the encoder's transformer layers;
+the head always trains whole).
 
 ``vocabulary: new`` builds a character vocabulary from the normalised training text and a new
 linear head. ``vocabulary: pretrained`` keeps a CTC fine-tuned model's own vocabulary and
@@ -27,7 +29,7 @@ from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.utils.distributed import ddp_broadcast, run_on_main
 from transformers import AutoModelForCTC
 
-from speechtune import data, tiny
+from speechtune import adapters, data, tiny
 from speechtune.brain import FineTuneBrain
 from speechtune.ctc_decoding import GreedyDecoder, build_test_decoder, check_decoding
 from speechtune.ctc_export import export_ctc
@@ -99,12 +101,14 @@ class CTCFamily(Family):
     inference_class = "EncoderASR"
     processor_class = "Wav2Vec2Processor"
     summary = "CTC on characters"
+    lora_parts = {"encoder": ("encoder.layers",)}
 
     def __init__(self, hparams):
         super().__init__(hparams)
         self.tokenizer = None
         self.encoder = None  # built by build_model
         self.pretrained_head = None  # the source model's CTC head (vocabulary: pretrained)
+        self.lora = None  # run.json's LoRA record (speechtune.adapters), with lora set
         if hparams["vocabulary"] not in ("new", "pretrained"):
             raise ValueError(f"vocabulary={hparams['vocabulary']!r}: use new or pretrained")
         if hparams["target_case"] not in ("lower", "upper"):
@@ -117,6 +121,9 @@ class CTCFamily(Family):
             hp["model"], Path(hp["output_folder"]) / "tiny_model", "encoder",
             config=hp["tiny_config"])
         self.encoder = hp["encoder"](source=self.source)
+        window = self.encoder.window_seconds  # Whisper's encoder: its (possibly cut) window
+        self.lora = adapters.adapt(self.encoder, hp, self.lora_parts, base={
+            "source": str(self.source), **({} if window is None else {"window_seconds": window})})
 
     def set_texts(self, rows, languages):
         """Targets and references are the same transcript, normalised for the split's language
@@ -183,7 +190,7 @@ class CTCFamily(Family):
         hp, encoder = self.hparams, type(self.encoder)
         return {"language": hp["language"], "sample_rate": hp["sample_rate"],
                 "blank_index": hp["blank_index"], "decoding": hp["decoding"],
-                "encoder": f"{encoder.__module__}.{encoder.__qualname__}"}
+                "encoder": f"{encoder.__module__}.{encoder.__qualname__}", "lora": self.lora}
 
     def save_model_files(self, folder):
         """The encoder's HF config and feature extractor (the vocabulary is label_encoder.txt)."""

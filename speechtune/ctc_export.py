@@ -6,7 +6,7 @@ wav2vec2, HuBERT; the CTC head as ``lm_head``) with its processor (feature extra
 encoder has no transformers class: its folder holds the encoder alone (``encoder.*``,
 ``speechtune.whisper_models``) for SpeechBrain. SpeechBrain files: ``hyperparams.yaml`` for
 ``speechbrain.inference.ASR.EncoderASR`` (encoder + ``head.ckpt`` + ``tokenizer.ckpt``, greedy
-decoding).
+decoding). A LoRA run's adapters are merged into the encoder's weights (``speechtune.adapters``).
 """
 
 import json
@@ -22,7 +22,9 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CTC_MAPPING
 
+from speechtune import adapters
 from speechtune.checkpoints import load_state
+from speechtune.models import SSLEncoder
 from speechtune.whisper_models import WhisperEncoder
 
 SB_BLANK, HF_BLANK, HF_SPACE = "<blank>", "<pad>", "|"
@@ -47,6 +49,18 @@ def ctc_vocabulary(label_encoder_file, blank_index):
     return encoder, [hf.get(label, label) for label in labels]
 
 
+def merged_encoder_state(save, config, lora, adapter_state):
+    """A LoRA run's encoder state: the source model's weights (``lora["base"]``, rebuilt in the
+    run's wrapper) with the checkpoint's adapters merged into them."""
+    base = dict(lora["base"])
+    wrapper = ENCODER_ONLY_EXPORTS.get(config.model_type, SSLEncoder)(
+        base.pop("source"), str(save / "hf_cache"), freeze=True, **base)
+    wrapper.model = adapters.merge(
+        wrapper.model, lora, {k.removeprefix("model."): v for k, v in adapter_state.items()},
+        into=wrapper.model)
+    return wrapper.state_dict()
+
+
 def export_ctc(save, ckpts, info, out):
     """SpeechBrain ``EncoderASR`` files in ``out``, and transformers ``*ForCTC`` + processor
     where transformers has a CTC class for the encoder (WavLM, wav2vec2, HuBERT; not Whisper's
@@ -54,6 +68,8 @@ def export_ctc(save, ckpts, info, out):
     encoder_state, head_state = load_state(ckpts, "encoder"), load_state(ckpts, "head")
     sb_tokenizer, vocab = ctc_vocabulary(save / "label_encoder.txt", info["blank_index"])
     config = AutoConfig.from_pretrained(save / "model_files")
+    if info.get("lora"):
+        encoder_state = merged_encoder_state(save, config, info["lora"], encoder_state)
     if type(config) not in MODEL_FOR_CTC_MAPPING:  # the run's wrapper writes its encoder alone
         if config.model_type not in ENCODER_ONLY_EXPORTS:
             raise SystemExit(f"transformers has no CTC class for a {config.model_type} encoder, "

@@ -11,7 +11,9 @@ modules asks the registry and never switches on a family's name.
 ``setup`` runs the steps in this order; each needs the ones before it:
 
 1. ``build_model(train_texts)``: the model the yaml's ``model`` key names (a hub id, a local HF
-   folder, ``packaged:whisper-base`` or a ``tiny:<preset>`` built here);
+   folder, ``packaged:whisper-base`` or a ``tiny:<preset>`` built here), with gradient
+   checkpointing and LoRA adapters in its ``lora_parts`` as the yaml asks
+   (``speechtune.adapters.adapt``);
 2. ``set_texts(rows, languages)``: each row's scoring reference ``words`` and training
    ``target``, normalised for its split's language;
 3. ``build_tokenizer(train_rows)``: the family's tokenizer; returns the characters the
@@ -55,6 +57,9 @@ class Family(ABC):
     summary: ClassVar[str]
     #: what the ``language`` key sets (new recipes' yaml comment)
     language_use: ClassVar[str] = "text normaliser (speechtune.text registry)"
+    #: ``lora`` values of the yaml -> module-name prefixes of the transformer layers that get
+    #: adapters (``speechtune.adapters``), e.g. ``{"encoder": ("encoder.layers",)}``
+    lora_parts: ClassVar[dict]
     #: ``tools/benchmark.py``'s default variants
     benchmark_variants: ClassVar[tuple] = ("hf", "recipe")
 

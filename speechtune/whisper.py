@@ -10,7 +10,8 @@ Keys read here besides the shared ones (``hparams/whisper.yaml`` declares them a
 ``window_seconds``, ``language``, ``augmenter`` (``null`` = none), ``speeds``,
 ``freeze_encoder``, ``optim`` group ``whisper``, ``label_smoothing``, ``normalize_targets``,
 ``valid_search`` and ``test_search`` (SpeechBrain searchers, built on the model),
-``sample_rate``, ``encoder_cache``. The export is ``speechtune.whisper_export``.
+``sample_rate``, ``encoder_cache``; ``lora``, ``lora_*`` and ``gradient_checkpointing``
+(``speechtune.adapters``). The export is ``speechtune.whisper_export``.
 """
 
 import inspect
@@ -22,7 +23,7 @@ from transformers import WhisperForConditionalGeneration
 from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-from speechtune import data, packaged, tiny
+from speechtune import adapters, data, packaged, tiny
 from speechtune.brain import FineTuneBrain
 from speechtune.encoder_cache import EncoderCache
 from speechtune.family import Family
@@ -136,6 +137,8 @@ class WhisperFamily(Family):
     processor_class = "WhisperProcessor"
     summary = "a Whisper encoder-decoder, NLL"
     language_use = "text normaliser (speechtune.text registry) and Whisper language token"
+    lora_parts = {"decoder": ("decoder.layers",), "encoder": ("encoder.layers",),
+                  "both": ("encoder.layers", "decoder.layers")}
 
     def __init__(self, hparams):
         super().__init__(hparams)
@@ -144,9 +147,25 @@ class WhisperFamily(Family):
                 f"freeze_encoder_steps={hparams['freeze_encoder_steps']} has no effect with "
                 "freeze_encoder: True (the encoder never trains). To train it after N steps, "
                 "pass --freeze_encoder=False --freeze_encoder_steps=N.")
-        self.whisper = self.tokenizer = self.prefix = self.encoder_cache = None
+        self._check_lora()
+        self.whisper = self.tokenizer = self.prefix = self.encoder_cache = self.lora = None
         self.searchers = {}
         self.score_normalizers = {}  # by language: every split's (set_texts)
+
+    def _check_lora(self):
+        """LoRA on the encoder makes it trainable; LoRA on the decoder alone keeps it frozen."""
+        hp = self.hparams
+        lora, frozen, cache = hp["lora"], hp["freeze_encoder"], hp["encoder_cache"]
+        if lora in ("encoder", "both") and (frozen or cache is not None):
+            raise ValueError(
+                f"lora={lora} puts trainable adapters in the encoder, so it is no longer frozen "
+                "and its output changes at every step (nothing for an encoder cache to keep): "
+                "pass --freeze_encoder=False --encoder_cache=null, or --lora=decoder.")
+        if lora == "decoder" and not frozen:
+            raise ValueError(
+                "lora=decoder trains adapters in the decoder and leaves every encoder weight as "
+                "loaded, but freeze_encoder: False asks to train the encoder: pass "
+                "--freeze_encoder=True, or --lora=both (adapters in the encoder too).")
 
     def build_model(self, train_texts):
         """The ``whisper`` wrapper on the ``model`` source (a ``tiny:`` preset built first, its
@@ -160,6 +179,8 @@ class WhisperFamily(Family):
             texts=[normalize(t) for t in train_texts], window_seconds=hp["window_seconds"],
             config=hp["tiny_config"])
         self.whisper = hp["whisper"](source=source)
+        self.lora = adapters.adapt(self.whisper, hp, self.lora_parts, base={
+            "source": str(source), "window_seconds": self.whisper.window_seconds})
         if source != str(hp["model"]):
             self.whisper.source = str(hp["model"])
         self.tokenizer = self.whisper.tokenizer
@@ -235,7 +256,7 @@ class WhisperFamily(Family):
             if search.suppress_blank else []}
         return {"language": self.hparams["language"], "task": self.whisper.task,
                 "sample_rate": self.hparams["sample_rate"], "test_search": settings,
-                "suppress": suppress}
+                "suppress": suppress, "lora": self.lora}
 
     def save_model_files(self, folder):
         """Whisper's HF config, tokenizer and feature extractor."""

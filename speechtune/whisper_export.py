@@ -1,7 +1,9 @@
 """Export of a Whisper run (``speechtune.export`` calls it through ``WhisperFamily.export``):
 transformers ``WhisperForConditionalGeneration`` + processor + a generation config that writes
 the run's language and task and suppresses what its searcher suppresses, and SpeechBrain
-``WhisperASR`` files (the run's test search).
+``WhisperASR`` files (the run's test search). A LoRA run's adapters are merged into the weights
+(``speechtune.adapters``) and also written to ``adapter/`` for ``peft.PeftModel.from_pretrained``
+on the base model.
 """
 
 import json
@@ -15,15 +17,23 @@ from transformers import (
 )
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
+from speechtune import adapters
 from speechtune.checkpoints import load_state
 from speechtune.tiny import whisper_special_tokens
+from speechtune.whisper_models import Whisper
 
 
 def export_whisper(save, ckpts, info, out):
     """transformers ``WhisperForConditionalGeneration`` + processor + generation config, and
     SpeechBrain ``WhisperASR`` files, in ``out``."""
+    state = load_state(ckpts, "whisper")
+    lora = info.get("lora")
+    if lora:  # the checkpoints hold the adapters; the frozen weights are the source model's
+        adapter_state, base = state, dict(lora["base"])
+        state = Whisper(base.pop("source"), str(save / "hf_cache"), freeze=True,
+                        **base).state_dict()
     # the wrapper's own buffers (its mel filterbank) are not model weights
-    state = {k: v for k, v in load_state(ckpts, "whisper").items() if k.startswith("model.")}
+    state = {k: v for k, v in state.items() if k.startswith("model.")}
     files = save / "model_files"
     model = WhisperForConditionalGeneration(AutoConfig.from_pretrained(files))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -31,6 +41,10 @@ def export_whisper(save, ckpts, info, out):
         raise ValueError(f"whisper checkpoint does not fit {files}/config.json: missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()  # the output projection is the token embedding, as in training
+    if lora:
+        model = adapters.merge(model, lora, adapter_state, into=model,
+                               adapter_folder=out / "adapter")
+        model.tie_weights()
     tokenizer = WhisperTokenizer.from_pretrained(files)
     processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor.from_pretrained(files),
                                  tokenizer=tokenizer)
