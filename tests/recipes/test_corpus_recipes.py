@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from fakes import (
     MICRO_ENCODER,
     REPO,
@@ -103,6 +104,23 @@ def test_coral_whisper_trains_danish(coral_snapshot, tmp_path, multilingual_whis
     assert {r["column"] for r in group_table(out)} == {"dialect", "gender", "age_group"}
     info = json.loads((out / "run.json").read_text())
     assert info["language"] == "da"
+
+
+@pytest.mark.recipe
+def test_coral_whisper_lora_trains_adapters_only(coral_snapshot, tmp_path,
+                                                 micro_whisper_multi_dir):
+    out = tmp_path / "results"
+    run_recipe(CORAL / "Whisper", [
+        "hparams/whisper_small_da_lora.yaml", f"--data_folder={coral_snapshot}",
+        f"--output_folder={out}", f"--manifest_folder={tmp_path / 'prepared'}",
+        f"--model={micro_whisper_multi_dir}", *QUICK, "--batch_size=8",
+        "--optimizer_step_limit=3", "--valid_every_steps=3", "--max_duration=3.5",
+    ])
+    lora = json.loads((out / "run.json").read_text())["lora"]
+    assert lora["where"] == "decoder" and lora["config"]["r"] == 32
+    ckpt = next((out / "save").glob("CKPT+*"))
+    saved = torch.load(ckpt / "whisper.ckpt")
+    assert saved and all(".lora_" in k for k in saved)
 
 
 # ---------------------------------------------------------------------------- CommonVoice

@@ -22,6 +22,8 @@ RECIPE_TESTS = {
     "recipes/Synthetic/Whisper/hparams/whisper_tiny.yaml": "recipes/test_synthetic_recipes.py",
     "recipes/Synthetic/Whisper/hparams/whisper_base.yaml": "recipes/test_export.py",
     "recipes/LibriSpeech/Whisper/hparams/whisper_small_en.yaml": "recipes/test_librispeech.py",
+    "recipes/LibriSpeech/Whisper/hparams/whisper_small_en_lora.yaml":
+        "recipes/test_librispeech.py",
     # the small recipe with another model name (a test in test_librispeech.py checks that)
     "recipes/LibriSpeech/Whisper/hparams/whisper_medium_en.yaml": "recipes/test_librispeech.py",
     "recipes/CommonVoice/CTC/hparams/wav2vec2_large_960h_en.yaml": "recipes/test_corpus_recipes.py",
@@ -29,6 +31,7 @@ RECIPE_TESTS = {
     "recipes/CommonVoice/Whisper/hparams/whisper_small.yaml": "recipes/test_corpus_recipes.py",
     "recipes/CoRal/CTC/hparams/xls_r_300m_da.yaml": "recipes/test_corpus_recipes.py",
     "recipes/CoRal/Whisper/hparams/whisper_small_da.yaml": "recipes/test_corpus_recipes.py",
+    "recipes/CoRal/Whisper/hparams/whisper_small_da_lora.yaml": "recipes/test_corpus_recipes.py",
 }
 
 

@@ -58,8 +58,10 @@ def test_recipe_runs_one_tiny_epoch_on_the_fake_tree(tmp_path, yaml):
 
 
 @pytest.mark.recipe
-def test_whisper_recipe_runs_one_tiny_epoch_on_the_fake_tree(tmp_path):
-    """whisper_small_en.yaml with a local tiny English-only Whisper in place of the hub id."""
+@pytest.mark.parametrize("yaml", ["whisper_small_en.yaml", "whisper_small_en_lora.yaml"])
+def test_whisper_recipe_runs_one_tiny_epoch_on_the_fake_tree(tmp_path, yaml):
+    """whisper_small_en.yaml and its LoRA variant with a local tiny English-only Whisper in place
+    of the hub id."""
     root = fake_librispeech(tmp_path / "LibriSpeech")
     texts = [line.split(" ", 1)[1].lower() for f in root.rglob("*.trans.txt")
              for line in f.read_text().splitlines()]
@@ -67,7 +69,7 @@ def test_whisper_recipe_runs_one_tiny_epoch_on_the_fake_tree(tmp_path):
                                **{**MICRO_WHISPER, "multilingual": False})
     out = tmp_path / "results"
     proc = run_recipe(REPO / "recipes" / "LibriSpeech" / "Whisper", [
-        "hparams/whisper_small_en.yaml", f"--data_folder={root}", f"--output_folder={out}",
+        f"hparams/{yaml}", f"--data_folder={root}", f"--output_folder={out}",
         f"--model={model}", "--number_of_epochs=1", "--precision=fp32",
         "--eval_precision=fp32", "--device=cpu", "--batch_size=8", "--num_workers=0",
         "--valid_every_steps=1", "--grad_accumulation_factor=1", "--max_duration=3.0",
@@ -76,6 +78,8 @@ def test_whisper_recipe_runs_one_tiny_epoch_on_the_fake_tree(tmp_path):
     for name in ("train_log.txt", "wer_test-clean.txt", "wer_test-other.txt", "curves.png"):
         assert (out / name).exists(), name
     assert (out / "train_log.txt").read_text().count("valid WER") >= 2
+    lora = json.loads((out / "run.json").read_text())["lora"]
+    assert (lora or {}).get("where") == ("decoder" if "lora" in yaml else None)
 
 
 def test_whisper_medium_yaml_is_the_small_one_with_another_model():
