@@ -9,7 +9,8 @@ download), loads the recipe's yaml with the benchmark's overrides, and builds th
   beforehand (so the HF loop never waits for data: the ratio does not flatter the recipe);
 - ``recipe`` variants: the recipe's own ``Brain.fit_batch`` fed by its live data loader, with
   the variant's overrides (``eager`` / ``sdpa`` WavLM attention, ``compile``, ``cache`` for the
-  Whisper encoder cache: one pass fills it, the timed pass reads it).
+  Whisper encoder cache: one pass fills it, the timed pass reads it; ``lora``: rank-8 adapters
+  on the CTC encoder or Whisper's decoder, ``gc``: gradient checkpointing, ``lora+gc``: both).
 
 Each result is one JSON line (``<out>/results.jsonl``, appended) and a row of ``<out>/results.md``:
 speech seconds trained per second (padding is not counted), the ratio to the ``hf`` row, TFLOP/s
@@ -94,6 +95,10 @@ VARIANTS = {
     "recipe": ({}, {}),
     "recipe+compile": ({}, {"compile": True}),
     "cache": ({"encoder_cache": "memory"}, {}),
+    # LoRA (rank 8 on q and v) on the family's first lora part: the CTC encoder, Whisper's decoder
+    "lora": ({"lora": "first lora part"}, {}),
+    "gc": ({"gradient_checkpointing": True}, {}),
+    "lora+gc": ({"lora": "first lora part", "gradient_checkpointing": True}, {}),
 }
 # dense bf16 peak (no sparsity) by device name, for MFU
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
@@ -317,6 +322,8 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     overrides, run_opts = ({}, {}) if variant == "hf" else VARIANTS[variant]
+    if "lora" in overrides:
+        overrides = dict(overrides, lora=next(iter(family.lora_parts)))
     out = Path(workdir) / "runs" / f"{args.model}_{variant}"
     exp = experiment_for(args, yaml_path, {**base_overrides(args, family, model_dir),
                                            **args.set, **overrides}, run_opts, out)
@@ -412,7 +419,8 @@ def main(argv=None):
     p.add_argument("--model", choices=sorted(MODELS), required=True)
     p.add_argument("--variants", default=None,
                    help="comma-separated: hf, eager, sdpa, sdpa+compile (CTC); hf, recipe, "
-                        "recipe+compile, cache (Whisper). Default: all but compile")
+                        "recipe+compile, cache (Whisper); lora, gc, lora+gc (both). Default: "
+                        "the family's benchmark_variants")
     p.add_argument("--data", choices=["bundled", "librispeech-like"], default=None,
                    help="default: bundled for the tiny models, librispeech-like otherwise")
     p.add_argument("--utterances", type=int, default=400, help="librispeech-like corpus size")
