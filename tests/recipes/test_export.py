@@ -102,6 +102,35 @@ def whisper_base_run(tmp_path_factory, whisper_base_dir):
     return data, out, proc.stdout
 
 
+@pytest.fixture(scope="module")
+def whisper_base_lora_run(tmp_path_factory, whisper_base_dir):
+    """whisper_base_run's data and steps with rank-32 LoRA adapters on the decoder instead of
+    the whole decoder."""
+    data = tmp_path_factory.mktemp("data")
+    write_subset(SYNTHETIC / "da", data / "da", {"train": 64, "valid": 8, "test": 8})
+    out = tmp_path_factory.mktemp("run")
+    proc = run_recipe(WHISPER, [
+        "hparams/whisper_base.yaml", "--language=da", f"--data_folder={data}",
+        f"--output_folder={out}", "--number_of_epochs=2", "--batch_size=8", "--lr=0.002",
+        "--warmup_steps=2", "--eval_batch_size=8", "--device=cpu", "--extra_tests=[]",
+        "--lora=decoder", "--lora_rank=32", "--lora_alpha=64"])
+    return data, out, proc.stdout
+
+
+def test_whisper_base_lora_learns_danish_with_a_checkpoint_of_adapters(whisper_base_lora_run):
+    """16 steps of decoder adapters take whisper-base's Danish test loss to well under its
+    zero-shot one (3.56 -> 1.46 here, WER 98% -> 88%: 16 steps are few for adapters that start at
+    zero); the checkpoint holds the adapters (a few MB), not the 290 MB model."""
+    _, run, _ = whisper_base_lora_run
+    zero = json.loads((run / "zero_shot.json").read_text())["test"]
+    logged = (run / "train_log.txt").read_text()
+    loss, wer = map(float, re.search(
+        r"split: test - test loss: ([0-9.e+-]+), test WER: ([0-9.e+]+)", logged).groups())
+    assert loss < zero["loss"] * 0.6 and wer < zero["WER"], (zero, loss, wer)
+    ckpt = next((run / "save").glob("CKPT+*"))
+    assert (ckpt / "whisper.ckpt").stat().st_size < 5 * 2**20
+
+
 def test_whisper_base_fine_tune_learns_danish_and_tests_english_in_english(whisper_base_run):
     """16 steps take Danish test WER from nonsense (whisper-base's zero-shot) to under half of it;
     the held-out English set is decoded after <|en|>, and scored as English."""
@@ -197,13 +226,14 @@ print(type(asr).__name__, repr(asr.transcribe_file(sys.argv[2])))
     assert f"skipped {tmp_path / 'broken.wav'}" in done.stderr
 
 
-@pytest.mark.parametrize("which", ["micro", "whisper_base"])
+@pytest.mark.parametrize("which", ["micro", "whisper_base", "whisper_base_lora"])
 def test_whisper_export_transcribes_the_test_split_as_the_run_did(which, request, tmp_path):
-    """The micro Whisper run, and the real whisper-base fine-tuned to Danish (8 s window)."""
+    """The micro Whisper run, and the real whisper-base fine-tuned to Danish (8 s window), its
+    whole decoder or LoRA adapters merged into it at export."""
     if which == "micro":
         (data, run), language = request.getfixturevalue("whisper_run"), "en"
     else:
-        (data, run, _), language = request.getfixturevalue("whisper_base_run"), "da"
+        (data, run, _), language = request.getfixturevalue(f"{which}_run"), "da"
     export = tmp_path / "exported"
     tool("checkpoints.py", "export", run, export)
     ran = hypotheses(run / "wer_test.txt")
