@@ -94,6 +94,20 @@ def test_lora_checkpoint_holds_the_adapters_and_a_rerun_resumes_them(synthetic_s
         assert torch.equal(resumed[name], fresh[name])
 
 
+def test_average_best_averages_the_adapters(synthetic_subset, tmp_path):
+    exp = whisper_experiment(synthetic_subset, tmp_path / "run", number_of_epochs=3,
+                             num_to_keep=3, average_best=2)
+    exp.fit()
+    best2 = exp.brain.checkpointer.find_checkpoints(min_key="WER", max_num_checkpoints=2)
+    exp.brain.on_evaluate_start(min_key="WER")
+    assert exp.brain.averaged_from == [c.path.name for c in best2]
+    states = [torch.load(c.paramfiles["whisper"]) for c in best2]
+    now = dict(exp.brain.modules.whisper.named_parameters())
+    for key in states[0]:
+        torch.testing.assert_close(now[key], (states[0][key] + states[1][key]) / 2)
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_resumed_lora_run_ends_where_the_uninterrupted_one_does(synthetic_subset, tmp_path):
     straight = whisper_experiment(synthetic_subset, tmp_path / "straight", number_of_epochs=2)
     straight.fit()
