@@ -52,11 +52,18 @@ def child(argv, result_path):
             timed["seconds"] += time.perf_counter() - start
             timed["batches"] += 1
 
+    evaluate = recipe.Experiment.evaluate
+
+    def counted_evaluate(self):  # testing loads the best checkpoint, and its step counter
+        ran["steps"] = self.brain.optimizer_step
+        return evaluate(self)
+
     def kept_run(*args, **kwargs):
         ran["experiment"], ran["results"] = run(*args, **kwargs)
         return ran["experiment"], ran["results"]
 
     FineTuneBrain.fit_batch, recipe.run = timed_fit_batch, kept_run
+    recipe.Experiment.evaluate = counted_evaluate
     sys.argv = ["train.py", *argv]
     runpy.run_path("train.py", run_name="__main__")
     brain, hparams = ran["experiment"].brain, ran["experiment"].brain.hparams
@@ -67,7 +74,7 @@ def child(argv, result_path):
     out = {"argv": argv, "test": {k: {m: float(v) for m, v in s.items()}
                                   for k, s in ran["results"].items()},
            "zero_shot": json.loads(zero_shot.read_text()) if zero_shot.is_file() else {},
-           "optimizer_steps": brain.optimizer_step,
+           "optimizer_steps": ran["steps"],
            "fit_batch_seconds": timed["seconds"], "batches": timed["batches"],
            "trainable_parameters": trainable,
            "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.path.iterdir()),
