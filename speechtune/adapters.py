@@ -112,13 +112,15 @@ def load_weights(module, state):
     in it, each of those and nothing else (a checkpoint of another LoRA set-up is an error)."""
     if not is_adapted(module):
         return module.load_state_dict(state)
-    names = trainable_names(module)
-    if set(state) != names:
-        missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
+    own = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    resized = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or resized:
         raise ValueError(
             f"the checkpoint's adapters do not fit this run's LoRA set-up (lora, lora_rank, "
-            f"lora_targets): missing {missing[:3]}, unexpected {unexpected[:3]}. Resume with the "
-            "settings the run started with, or train into a new output_folder.")
+            f"lora_targets): missing {missing[:3]}, unexpected {unexpected[:3]}, another shape "
+            f"{resized[:3]}. Resume with the settings the run started with, or train into a new "
+            "output_folder.")
     return module.load_state_dict(state, strict=False)
 
 

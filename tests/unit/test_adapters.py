@@ -186,6 +186,14 @@ def test_lora_set_ups_that_cannot_work_are_refused(synthetic_subset, tmp_path, o
         whisper_experiment(synthetic_subset, tmp_path / "run", **overrides)
 
 
+def test_resuming_with_other_lora_settings_is_refused(synthetic_subset, tmp_path):
+    whisper_experiment(synthetic_subset, tmp_path / "run").fit()
+    other = whisper_experiment(synthetic_subset, tmp_path / "run", lora_rank=16,
+                               number_of_epochs=2)
+    with pytest.raises(ValueError, match="do not fit this run's LoRA set-up"):
+        other.brain.checkpointer.recover_if_possible(min_key="WER")
+
+
 def test_ctc_has_lora_in_its_encoder_only(synthetic_subset, tmp_path):
     with pytest.raises(ValueError, match="use null \\(off\\) or one of encoder"):
         experiment(synthetic_subset, tmp_path / "run", lora="decoder")
