@@ -6,6 +6,7 @@ returns its manifests as ``Manifests``.
 """
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,22 @@ class Manifests:
     languages: dict[str, str] = field(default_factory=dict)
 
 
+def read_utf8(path) -> str:
+    """A text file (a manifest) decoded as UTF-8, with or without the byte-order mark Excel and
+    Notepad write (read as text it became part of the first column's name, ``\ufeffid``, and
+    that column was lost). Any other encoding stops, naming the line and the byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        start = raw.rfind(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}, line {line}: byte 0x{raw[err.start]:02x} at column {err.start - start + 1} "
+            "is not UTF-8 (the file is in another encoding, e.g. Windows-1252 or Latin-1). Fix: "
+            "re-save it as UTF-8 (Excel: 'CSV UTF-8'; iconv -f cp1252 -t utf-8 FILE).") from None
+
+
 def load_audio(path, sample_rate: int) -> torch.Tensor:
     """Read an audio file (a path or a file object) as a mono float32 tensor at
     ``sample_rate`` (mix down, resample)."""
@@ -52,7 +69,7 @@ def read_manifest(path: str | Path, data_root: str) -> dict[str, dict]:
     one time. SpeechBrain's ``load_data_csv`` is not used: it expands ``$name`` in every field,
     so a transcript such as "it costs $5" stopped the run with a KeyError.
     """
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:  # newline="": quoted line breaks kept
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         missing = [c for c in REQUIRED_COLUMNS if c not in header]

@@ -21,6 +21,7 @@ So the bundled ``recipes/Synthetic/data/<lang>/*.csv``, already in the contract,
 """
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 import soundfile as sf
 from speechbrain.utils.distributed import run_on_main
 
-from speechtune.data import Manifests, write_manifest
+from speechtune.data import Manifests, read_utf8, write_manifest
 from speechtune.prepare.files import read_stamp, write_stamp
 
 ALIASES = {"wav": ("audio", "wav"), "wrd": ("text", "wrd"), "ID": ("id", "ID"),
@@ -49,9 +50,15 @@ def read_rows(path):
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found. Fix: give the path of {FORMAT}.")
+    if path.suffix not in (".jsonl", ".csv"):
+        raise ManifestError(f"{path}: unknown manifest type '{path.suffix}'. Fix: {FORMAT}.")
+    try:
+        text = read_utf8(path)  # UTF-8, with or without a byte-order mark
+    except ValueError as err:
+        raise ManifestError(str(err)) from None
     if path.suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -65,10 +72,8 @@ def read_rows(path):
                                     f"{type(row).__name__}.")
             rows.append((number, {k: "" if v is None else str(v) for k, v in row.items()}))
         return rows
-    if path.suffix != ".csv":
-        raise ManifestError(f"{path}: unknown manifest type '{path.suffix}'. Fix: {FORMAT}.")
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(text, newline="") as f:
         for row in csv.DictReader(f):
             number = f"line {len(rows) + 2}"  # the header is line 1 (no quoted line breaks)
             if None in row:

@@ -137,3 +137,38 @@ def test_bad_input_names_the_file_the_row_and_the_fix(tmp_path, content, name, m
 def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(ManifestError, match=r"train.csv: manifest not found.*audio column"):
         prepare_custom(hparams_for(tmp_path, "csv", tmp_path / "out"))
+
+
+@pytest.mark.parametrize("ext,writer", [("csv", write_csv), ("jsonl", write_jsonl)])
+def test_a_byte_order_mark_keeps_the_first_column(corpus, tmp_path, ext, writer):
+    """Excel's 'CSV UTF-8' and Notepad start the file with a UTF-8 byte-order mark; read as
+    text it became part of the first column's name and the `id` column was lost."""
+    for split in ("train", "valid", "test"):
+        rows = [{"id": f"{split}-utt{i}", **r} for i, r in enumerate(user_rows(split))]
+        path = writer(corpus / f"{split}.{ext}", rows)
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    manifests = prepare_custom(hparams_for(corpus, ext, tmp_path / "out"))
+    rows = data.read_manifest(manifests.train, "unused")
+    assert list(rows) == ["train-utt0", "train-utt1", "train-utt2"]
+    assert "dialect" in rows["train-utt0"] and not any("\ufeff" in k for k in rows["train-utt0"])
+
+
+@pytest.mark.parametrize("name", ["train.csv", "train.jsonl"])
+def test_another_encoding_names_the_line_the_byte_and_the_fix(tmp_path, name):
+    path = tmp_path / name
+    lines = ["audio,text", "a.wav,hej", "b.wav,café"] if name.endswith(".csv") else [
+        '{"audio": "a.wav", "text": "hej"}', '{"audio": "b.wav", "text": "café"}']
+    path.write_bytes("\n".join(lines).encode("cp1252"))
+    with pytest.raises(ManifestError, match=r"line \d: byte 0xe9 at column \d+ is not UTF-8.*"
+                                            r"re-save it as UTF-8") as err:
+        prepare_manifest(path, tmp_path / "out" / "train.csv", tmp_path, "train")
+    assert f"line {len(lines)}:" in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_contract_manifest_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("\ufeffID,duration,wav,spk_id,wrd\nu1,1.0,a.wav,s,hej\n", encoding="utf-8")
+    assert list(data.read_manifest(path, "unused")) == ["u1"]
+    path.write_bytes("ID,duration,wav,spk_id,wrd\nu1,1.0,a.wav,s,blåbær\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"line 2: byte 0xe5 .*not UTF-8"):
+        data.read_manifest(path, "unused")
