@@ -47,9 +47,9 @@ def lora_config(hparams, model, parts):
     targets = hparams["lora_targets"]
     if targets == ALL_LINEAR:
         targets = linear
-    elif isinstance(targets, str) or not targets or set(targets) - set(linear):
-        unknown = sorted(set([targets] if isinstance(targets, str) else targets or [])
-                         - set(linear))
+    listed = [targets] if isinstance(targets, str) else list(targets or [])
+    unknown = sorted(set(listed) - set(linear))
+    if isinstance(targets, str) or not listed or unknown:
         raise ValueError(f"lora_targets={targets!r}: the layers of {', '.join(prefixes)} have "
                          f"the linear layers {linear}{f'; not {unknown}' if unknown else ''}. "
                          f"Give a list of them, or {ALL_LINEAR}.")
@@ -125,14 +125,13 @@ def load_weights(module, state):
 
 
 # ---------------------------------------------------------------------------- export
-def merge(model, record, adapter_state, into, adapter_folder=None):
-    """``model`` (a transformers model holding the base weights) with the run's adapters merged
-    into its weights. ``into``: the submodule of ``model`` that ``adapter_state`` (the
-    checkpoint's adapters) is named relative to. ``adapter_folder``: also write the adapters
-    there as ``peft.PeftModel.from_pretrained`` loads them onto the base model."""
+def merge(model, record, adapter_state, adapter_folder=None):
+    """``model`` (a transformers model holding the base weights) with the run's adapters
+    (``adapter_state``, named as in ``model``) merged into its weights. ``adapter_folder``: also
+    write the adapters there as ``peft.PeftModel.from_pretrained`` loads them onto the base."""
     peft_model = get_peft_model(model, LoraConfig(**record["config"]))  # adapters go in in place
-    missing, unexpected = into.load_state_dict(adapter_state, strict=False)
-    adapters = {k for k, _ in into.named_parameters() if ".lora_" in k}
+    missing, unexpected = model.load_state_dict(adapter_state, strict=False)
+    adapters = {k for k, _ in model.named_parameters() if ".lora_" in k}
     if unexpected or adapters & set(missing):
         raise ValueError(f"the checkpoint's adapters do not fit the model: unexpected "
                          f"{unexpected[:3]}, missing {sorted(adapters & set(missing))[:3]}")

@@ -56,8 +56,7 @@ def merged_encoder_state(save, config, lora, adapter_state):
     wrapper = ENCODER_ONLY_EXPORTS.get(config.model_type, SSLEncoder)(
         base.pop("source"), str(save / "hf_cache"), freeze=True, **base)
     wrapper.model = adapters.merge(
-        wrapper.model, lora, {k.removeprefix("model."): v for k, v in adapter_state.items()},
-        into=wrapper.model)
+        wrapper.model, lora, {k.removeprefix("model."): v for k, v in adapter_state.items()})
     return wrapper.state_dict()
 
 

@@ -42,8 +42,7 @@ def export_whisper(save, ckpts, info, out):
                          f"{missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()  # the output projection is the token embedding, as in training
     if lora:
-        model = adapters.merge(model, lora, adapter_state, into=model,
-                               adapter_folder=out / "adapter")
+        model = adapters.merge(model, lora, adapter_state, adapter_folder=out / "adapter")
         model.tie_weights()
     tokenizer = WhisperTokenizer.from_pretrained(files)
     processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor.from_pretrained(files),

@@ -85,6 +85,8 @@ MODELS = {
     "wavlm-tiny": ("Synthetic/CTC/hparams/wavlm_tiny.yaml", None),
     "whisper-tiny": ("Synthetic/Whisper/hparams/whisper_tiny.yaml", None),
 }
+# stands for the family's first lora part (Family.lora_parts), set when a variant is built
+FAMILY_LORA = "<family's first lora part>"
 # variant -> (yaml overrides, run_opts)
 VARIANTS = {
     "eager": ({"attention": "eager"}, {}),
@@ -96,9 +98,9 @@ VARIANTS = {
     "recipe+compile": ({}, {"compile": True}),
     "cache": ({"encoder_cache": "memory"}, {}),
     # LoRA (rank 8 on q and v) on the family's first lora part: the CTC encoder, Whisper's decoder
-    "lora": ({"lora": "first lora part"}, {}),
+    "lora": ({"lora": FAMILY_LORA}, {}),
     "gc": ({"gradient_checkpointing": True}, {}),
-    "lora+gc": ({"lora": "first lora part", "gradient_checkpointing": True}, {}),
+    "lora+gc": ({"lora": FAMILY_LORA, "gradient_checkpointing": True}, {}),
 }
 # dense bf16 peak (no sparsity) by device name, for MFU
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
@@ -322,7 +324,7 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     overrides, run_opts = ({}, {}) if variant == "hf" else VARIANTS[variant]
-    if "lora" in overrides:
+    if overrides.get("lora") == FAMILY_LORA:
         overrides = dict(overrides, lora=next(iter(family.lora_parts)))
     out = Path(workdir) / "runs" / f"{args.model}_{variant}"
     exp = experiment_for(args, yaml_path, {**base_overrides(args, family, model_dir),
