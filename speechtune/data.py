@@ -79,16 +79,19 @@ def read_manifest(path: str | Path, data_root: str) -> dict[str, dict]:
                 f"{list(REQUIRED_COLUMNS)} (plus optional group columns). Re-run the corpus "
                 "preparation in local/."
             )
-        rows = {}
-        for line, row in enumerate(reader, start=2):
+        rows, first = {}, 2
+        for number, row in enumerate(reader, start=1):
+            # the file's lines, which a quoted line break in a transcript makes differ from rows
+            line, first = (f"row {number} (line {first})" if reader.line_num == first else
+                           f"row {number} (lines {first}-{reader.line_num})"), reader.line_num + 1
             utt_id = row["ID"]
             if utt_id in rows:
-                raise ValueError(f"{path}, line {line}: duplicate ID {utt_id!r}; IDs must be "
+                raise ValueError(f"{path}, {line}: duplicate ID {utt_id!r}; IDs must be "
                                  "unique (re-run the corpus preparation)")
             try:
                 row["duration"] = float(row["duration"])
             except (TypeError, ValueError):
-                raise ValueError(f"{path}, line {line}: duration {row['duration']!r} of "
+                raise ValueError(f"{path}, {line}: duration {row['duration']!r} of "
                                  f"{utt_id!r} is not a number of seconds") from None
             row["wav"] = row["wav"].replace("$data_root", str(data_root))
             rows[utt_id] = row

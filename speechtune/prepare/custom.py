@@ -21,9 +21,14 @@ So the bundled ``recipes/Synthetic/data/<lang>/*.csv``, already in the contract,
 """
 
 import csv
+import errno
 import io
 import json
 import math
+import os
+import re
+import stat
+import unicodedata
 from pathlib import Path
 
 import soundfile as sf
@@ -34,7 +39,8 @@ from speechtune.prepare.files import read_stamp, write_stamp
 
 ALIASES = {"wav": ("audio", "wav"), "wrd": ("text", "wrd"), "ID": ("id", "ID"),
            "spk_id": ("speaker", "spk_id"), "duration": ("duration",)}
-RESERVED = {"words", "target", "sig", "tokens"}  # computed by the recipe from the contract columns
+# computed by the recipe from the contract columns
+RESERVED = {"words", "target", "sig", "tokens", "event_tags"}
 COLUMNS = ["ID", "duration", "wav", "spk_id", "wrd"]
 FORMAT = ("a CSV (with a header row) or a JSONL file (one JSON object per line) with an audio "
           "column (`audio` or `wav`) and a text column (`text` or `wrd`); optional `id`, "
@@ -45,41 +51,66 @@ class ManifestError(ValueError):
     """An input manifest cannot be prepared; the message names the file, the row and the fix."""
 
 
+def _where(row, first, last):
+    """``row 3 (line 5)``: the row counts data rows from 1 (as default ids do), the lines are the
+    file's own, as an editor numbers them (a quoted line break makes a row span lines)."""
+    return f"row {row} (line {first})" if first == last else f"row {row} (lines {first}-{last})"
+
+
 def read_rows(path):
-    """The rows of a CSV or JSONL manifest as ``[(line number, {column: str})]``."""
+    """The rows of a CSV or JSONL manifest as ``[(where, {column: str})]``, ``where`` naming the
+    row and its line(s) for messages (``_where``); blank lines are skipped."""
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found. Fix: give the path of {FORMAT}.")
+    problem = describe_missing_audio(path)
+    if problem is not None and not problem.startswith("is empty"):  # empty: "has no rows"
+        raise ManifestError(f"{path}: manifest {problem}. Fix: give the path of {FORMAT}.")
     if path.suffix not in (".jsonl", ".csv"):
         raise ManifestError(f"{path}: unknown manifest type '{path.suffix}'. Fix: {FORMAT}.")
     try:
         text = read_utf8(path)  # UTF-8, with or without a byte-order mark
     except ValueError as err:
         raise ManifestError(str(err)) from None
+    rows = []
     if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
+        # JSON escapes CR and LF inside strings, so these are the line breaks; str.splitlines
+        # also split at U+2028, U+0085 (NEL) ..., which JSON writes raw inside a transcript
+        for number, line in enumerate(re.split(r"\r\n?|\n", text), 1):
             if not line.strip():
                 continue
+            where = _where(len(rows) + 1, number, number)
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ManifestError(f"{path}, line {number}: not JSON ({err}). Fix: one JSON "
+                raise ManifestError(f"{path}, {where}: not JSON ({err}). Fix: one JSON "
                                     "object per line, e.g. {\"audio\": \"a.wav\", \"text\": "
                                     "\"...\"}.") from None
             if not isinstance(row, dict):
-                raise ManifestError(f"{path}, line {number}: a JSON object is needed, got "
+                raise ManifestError(f"{path}, {where}: a JSON object is needed, got "
                                     f"{type(row).__name__}.")
-            rows.append((number, {k: "" if v is None else str(v) for k, v in row.items()}))
+            rows.append((where, {k: "" if v is None else str(v) for k, v in row.items()}))
         return rows
-    rows = []
-    with io.StringIO(text, newline="") as f:
-        for row in csv.DictReader(f):
-            number = f"line {len(rows) + 2}"  # the header is line 1 (no quoted line breaks)
-            if None in row:
-                raise ManifestError(f"{path}, {number}: more fields than the header has. Fix: "
+    with io.StringIO(text, newline="") as f:  # newline="": quoted line breaks kept
+        reader = csv.reader(f)
+        header = next(reader, [])
+        while True:
+            first = reader.line_num + 1  # line_num: the lines read so far, to a record's end
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as err:
+                raise ManifestError(f"{path}, row {len(rows) + 1} (from line {first}): {err}. "
+                                    "Fix: check its quotes (a quoted field runs to the next "
+                                    "quote, across lines: an unclosed one takes in the rest of "
+                                    "the file).") from None
+            if not fields:
+                continue  # a blank line
+            where = _where(len(rows) + 1, first, reader.line_num)
+            if len(fields) > len(header):
+                raise ManifestError(f"{path}, {where}: more fields than the header has. Fix: "
                                     "quote fields that contain commas.")
-            rows.append((len(rows) + 2, {k: v or "" for k, v in row.items()}))
+            rows.append((where, dict(zip(header, fields + [""] * (len(header) - len(fields)),
+                                         strict=True))))
     return rows
 
 
@@ -115,6 +146,73 @@ def _resolve_audio(path, where, audio, data_folder):
     return str(audio if audio.is_absolute() else path.resolve().parent / audio)
 
 
+def describe_missing_audio(path) -> str | None:
+    """Why ``path`` cannot be read as a file of data, as a phrase to follow its name ("is a
+    directory", "is empty (0 bytes)", "is a symlink loop", "is a symlink to a missing file
+    <target>", "does not exist", ...), or None for a regular file with bytes this process may
+    read. One ``stat`` when the file is fine; more work only on the way to a message."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        if os.path.islink(path):
+            if err.errno == errno.ELOOP:
+                return "is a symlink loop"
+            return f"is a symlink to a missing file {os.path.realpath(path)}"
+        if err.errno == errno.ELOOP:
+            return "is under a symlink loop (a folder on its way links back to itself)"
+        if err.errno == errno.EACCES:
+            return "cannot be reached (permission denied on a folder on its way)"
+        return _other_unicode_form(path) or "does not exist"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file (a pipe, socket or device)"
+    if info.st_size == 0:
+        return "is empty (0 bytes)"
+    if not os.access(path, os.R_OK):
+        return "is not readable (permission denied)"
+    return None
+
+
+def _unicode_form(name):
+    return next((f for f in ("NFC", "NFD") if unicodedata.is_normalized(f, name)), "mixed")
+
+
+def _other_unicode_form(path):
+    """For a missing ``path``: a phrase naming the path that exists with the same names in
+    another Unicode normalisation form (macOS writes file names in NFD, most tools NFC), or
+    None. Lists only the folders where a name is not found as spelled."""
+    path = Path(os.path.abspath(path))
+    found, differ = Path(path.anchor), []
+    for part in path.parts[1:]:
+        if not os.path.lexists(found / part):
+            try:
+                names = os.listdir(found)
+            except OSError:
+                return None
+            want = unicodedata.normalize("NFC", part)
+            twin = next((n for n in names if unicodedata.normalize("NFC", n) == want), None)
+            if twin is None:
+                return None
+            differ.append(f"{ascii(part)} ({_unicode_form(part)}) here, {ascii(twin)} "
+                          f"({_unicode_form(twin)}) on disk")
+            part = twin
+        found = found / part
+    if not differ:  # every name as spelled: the error was another (a file used as a folder)
+        return None
+    return (f"is not there as spelled, but {found} is: the same name in another Unicode "
+            f"normalisation form ({'; '.join(differ)}; macOS writes file names in NFD)")
+
+
+AUDIO_FIXES = {  # by the start of describe_missing_audio's phrase
+    "is not there as spelled": "spell the name in the manifest as the file system does "
+                               "(unicodedata.normalize('NFD', ...) or 'NFC'), or rename the file",
+    "is a directory": "name an audio file inside it",
+    "is empty": "re-export the audio, or drop the row",
+    "is a symlink": "repair the link (ln -sf TARGET LINK), or name the audio file itself",
+}
+
+
 def _duration(path, where, row, column, wav):
     if column is not None and row[column].strip():
         try:
@@ -126,10 +224,12 @@ def _duration(path, where, row, column, wav):
                                 "number of seconds. Fix: correct it, or delete the `duration` "
                                 "column to have it read from the audio.")
         return seconds
-    if not Path(wav).is_file():
-        raise ManifestError(f"{path}, {where}: audio file {wav} not found. Fix: check the path "
-                            "(relative paths start at the manifest's folder; $data_root is "
-                            "the yaml's data_folder) or drop the row.")
+    problem = describe_missing_audio(wav)
+    if problem is not None:
+        fix = next((f for start, f in AUDIO_FIXES.items() if problem.startswith(start)),
+                   "check the path (relative paths start at the manifest's folder; $data_root "
+                   "is the yaml's data_folder), or drop the row")
+        raise ManifestError(f"{path}, {where}: audio file {wav} {problem}. Fix: {fix}.")
     try:
         info = sf.info(wav)
     except Exception as err:  # soundfile raises several types for broken files
@@ -146,14 +246,13 @@ def contract_rows(manifest, split, data_folder):
         raise ManifestError(f"{path}: the manifest has no rows. Fix: add one row per utterance "
                             f"({FORMAT}).")
     found, groups = columns(path, rows)
-    out, first_line = [], {}
-    for index, (number, row) in enumerate(rows, 1):
-        where = f"line {number}"
+    out, first_seen = [], {}
+    for index, (where, row) in enumerate(rows, 1):
         utt_id = row.get(found.get("ID"), "").strip() or f"{split}_{index:06d}"
-        if utt_id in first_line:
-            raise ManifestError(f"{path}: id {utt_id!r} on line {first_line[utt_id]} and line "
-                                f"{number}. Fix: make ids unique (or drop the id column).")
-        first_line[utt_id] = number
+        if utt_id in first_seen:
+            raise ManifestError(f"{path}: id {utt_id!r} in {first_seen[utt_id]} and {where}. "
+                                "Fix: make ids unique (or drop the id column).")
+        first_seen[utt_id] = where
         wav = _resolve_audio(path, where, row.get(found["wav"], "").strip(), data_folder)
         seconds = _duration(path, where, row, found.get("duration"), wav)
         speaker = row.get(found.get("spk_id"), "").strip() or "unknown"

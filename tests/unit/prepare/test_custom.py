@@ -3,12 +3,19 @@
 import csv
 import json
 import shutil
+import unicodedata
 
 import pytest
 from fakes import SYNTHETIC
 
 from speechtune import data
-from speechtune.prepare.custom import ManifestError, prepare_custom, prepare_manifest
+from speechtune.prepare.custom import (
+    ManifestError,
+    describe_missing_audio,
+    prepare_custom,
+    prepare_manifest,
+    read_rows,
+)
 
 DA = SYNTHETIC / "da"
 
@@ -115,14 +122,19 @@ def bad(tmp_path, content, name="train.csv"):
     ("path,sentence\na.wav,hej\n", "train.csv", r"no `audio` or `wav` and no `text` or `wrd`"),
     ("audio,wav,text\na.wav,a.wav,hej\n", "train.csv", r"\['audio', 'wav'\] both mean `wav`"),
     ("id,audio,text,duration\nx,a.wav,hej,1\nx,b.wav,hej,1\n", "train.csv",
-     r"id 'x' on line 2 and line 3.*make ids unique"),
+     r"id 'x' in row 1 \(line 2\) and row 2 \(line 3\).*make ids unique"),
     ("audio,text,duration\na.wav,hej,1.5s\n", "train.csv",
-     r"line 2: duration '1.5s' is not a positive number.*delete the `duration` column"),
-    ("audio,text\nnope.wav,hej\n", "train.csv", r"line 2: audio file .*nope.wav not found"),
-    ("audio,text\nbroken.wav,hej\n", "train.csv", r"line 2: cannot read audio .*re-encode"),
-    ('{"audio": "a.wav", "text": "hej"}\n{oops\n', "train.jsonl", r"line 2: not JSON"),
+     r"row 1 \(line 2\): duration '1.5s' is not a positive number.*delete the `duration` "
+     r"column"),
+    ("audio,text\nnope.wav,hej\n", "train.csv",
+     r"row 1 \(line 2\): audio file .*nope.wav does not exist.*check the path"),
+    ("audio,text\nbroken.wav,hej\n", "train.csv",
+     r"row 1 \(line 2\): cannot read audio .*re-encode"),
+    ('{"audio": "a.wav", "text": "hej"}\n\n{oops\n', "train.jsonl",
+     r"row 2 \(line 3\): not JSON"),  # a blank line: skipped, counted as a line
     ("audio,text,words\na.wav,hej,x\n", "train.csv", r"\['words'\] are reserved.*rename"),
-    ("audio,text\na.wav,hej,extra\n", "train.csv", r"line 2: more fields than the header"),
+    ("audio,text\na.wav,hej,extra\n", "train.csv",
+     r"row 1 \(line 2\): more fields than the header"),
     ("audio\ttext\n", "train.tsv", r"unknown manifest type '.tsv'"),
 ])
 def test_bad_input_names_the_file_the_row_and_the_fix(tmp_path, content, name, message):
@@ -135,7 +147,7 @@ def test_bad_input_names_the_file_the_row_and_the_fix(tmp_path, content, name, m
 
 
 def test_missing_manifest_is_named(tmp_path):
-    with pytest.raises(ManifestError, match=r"train.csv: manifest not found.*audio column"):
+    with pytest.raises(ManifestError, match=r"train.csv: manifest does not exist.*audio column"):
         prepare_custom(hparams_for(tmp_path, "csv", tmp_path / "out"))
 
 
@@ -172,3 +184,82 @@ def test_a_contract_manifest_with_a_byte_order_mark_reads(tmp_path):
     path.write_bytes("ID,duration,wav,spk_id,wrd\nu1,1.0,a.wav,s,blåbær\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"line 2: byte 0xe5 .*not UTF-8"):
         data.read_manifest(path, "unused")
+
+
+def test_rows_and_lines_are_counted_apart_after_a_quoted_line_break(tmp_path):
+    """A transcript with a line break in quotes is one row over two lines: messages name the
+    row (as default ids count) and the file's own line (as an editor shows it)."""
+    path = bad(tmp_path, 'id,audio,text,duration\n'
+                         'a,a.wav,hej,1\n'
+                         'b,b.wav,"to\nlinjer",1\n'  # row 2, lines 3-4
+                         '\n'  # a blank line (line 5): no row
+                         'c,c.wav,hej,1.5s\n')  # row 3, line 6
+    with pytest.raises(ManifestError, match=r"train.csv, row 3 \(line 6\): duration '1.5s'"):
+        prepare_manifest(path, tmp_path / "out" / "train.csv", tmp_path, "train")
+    path.write_text('id,audio,text,duration\na,a.wav,hej,1\na,b.wav,"to\nlinjer",1\n',
+                    encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"id 'a' in row 1 \(line 2\) and row 2 "
+                                            r"\(lines 3-4\)"):
+        prepare_manifest(path, tmp_path / "out" / "train.csv", tmp_path, "train")
+    assert read_rows(path)[1] == ("row 2 (lines 3-4)",
+                                  {"id": "a", "audio": "b.wav", "text": "to\nlinjer",
+                                   "duration": "1"})
+
+
+def test_jsonl_transcripts_keep_unicode_line_separators(tmp_path):
+    """JSON writes U+2028 and NEL (U+0085) raw inside strings; splitting the file at them cut
+    the row in two and stopped with 'not JSON'."""
+    texts = ["en\u2028to", "tre\x85fire"]
+    path = write_jsonl(tmp_path / "train.jsonl", [{"audio": "a.wav", "text": t} for t in texts])
+    assert [(where, row["text"]) for where, row in read_rows(path)] == [
+        ("row 1 (line 1)", texts[0]), ("row 2 (line 2)", texts[1])]
+
+
+@pytest.mark.parametrize("make,phrase,fix", [
+    (lambda p: p.mkdir(), "is a directory", "name an audio file inside it"),
+    (lambda p: p.write_bytes(b""), "is empty (0 bytes)", "re-export the audio"),
+    (lambda p: p.symlink_to(p), "is a symlink loop", "repair the link"),
+    (lambda p: p.symlink_to(p.parent / "gone.flac"),
+     "is a symlink to a missing file {tmp}/gone.flac", "repair the link"),
+    (lambda p: None, "does not exist", "check the path"),
+])
+def test_audio_that_cannot_be_read_says_why(tmp_path, make, phrase, fix):
+    audio = tmp_path / "clip.flac"
+    make(audio)
+    phrase = phrase.format(tmp=tmp_path)
+    assert describe_missing_audio(audio) == phrase
+    path = bad(tmp_path, "audio,text\nclip.flac,hej\n")
+    with pytest.raises(ManifestError) as err:
+        prepare_manifest(path, tmp_path / "out" / "train.csv", tmp_path, "train")
+    assert str(err.value).startswith(f"{path}, row 1 (line 2): audio file {audio} {phrase}. "
+                                     f"Fix: {fix}")
+
+
+def test_readable_audio_and_a_link_to_it_pass(tmp_path, corpus):
+    clip = next((corpus / "clips").iterdir())
+    (tmp_path / "link.flac").symlink_to(clip)
+    assert describe_missing_audio(clip) is None
+    assert describe_missing_audio(tmp_path / "link.flac") is None
+
+
+def test_a_name_in_another_unicode_form_is_named_with_both_forms(corpus, tmp_path):
+    """macOS writes file names in NFD ('a' + combining ring); a manifest typed elsewhere spells
+    them NFC ('å'): on Linux these are different names, and the file was just 'not found'."""
+    clip = next((corpus / "clips").iterdir())
+    nfd = lambda name: unicodedata.normalize("NFD", name)  # noqa: E731
+    folder = corpus / nfd("Århus")
+    folder.mkdir()
+    shutil.copy(clip, folder / nfd("blåbær.flac"))
+    path = bad(corpus, "audio,text\nÅrhus/blåbær.flac,hej\n")
+    with pytest.raises(ManifestError) as err:
+        prepare_manifest(path, tmp_path / "out" / "train.csv", corpus, "train")
+    message = str(err.value)
+    assert f"audio file {corpus / 'Århus' / 'blåbær.flac'} is not there as spelled, but " \
+           f"{folder / nfd('blåbær.flac')} is" in message
+    assert r"'\xc5rhus' (NFC) here, 'A\u030arhus' (NFD) on disk" in message
+    assert r"'bl\xe5b\xe6r.flac' (NFC) here, 'bla\u030ab\xe6r.flac' (NFD) on disk" in message
+    assert "Fix: spell the name in the manifest as the file system does" in message
+    path.write_text(nfd("audio,text\nÅrhus/blåbær.flac,hej\n"), encoding="utf-8")
+    prepare_manifest(path, tmp_path / "out" / "train.csv", corpus, "train")  # as spelled: found
+    assert data.read_manifest(tmp_path / "out" / "train.csv", "unused")["train_000001"][
+        "wav"] == str(folder / nfd("blåbær.flac"))

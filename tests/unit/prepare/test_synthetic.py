@@ -137,11 +137,16 @@ def test_manifest_reader_expands_data_root_in_wav_only(tmp_path):
     assert rows == {"a": {"ID": "a", "duration": 1.5, "wav": "/corpus/a.flac", "spk_id": "s1",
                           "wrd": "det koster $5", "dialect": "fynsk"}}
     path.write_text("ID,duration,wav,spk_id,wrd\na,1.5,x.flac,s,t\na,2,y.flac,s,u\n")
-    with pytest.raises(ValueError, match=r"line 3: duplicate ID 'a'"):
+    with pytest.raises(ValueError, match=r"row 2 \(line 3\): duplicate ID 'a'"):
+        read_manifest(path, "/corpus")
+    path.write_text('ID,duration,wav,spk_id,wrd\na,1.5,x.flac,s,"two\nlines"\n'
+                    'a,2,y.flac,s,"three\nmore\nlines"\n')  # quoted line breaks
+    with pytest.raises(ValueError, match=r"row 2 \(lines 4-6\): duplicate ID 'a'"):
         read_manifest(path, "/corpus")
     path.write_text("ID,duration,wav,spk_id\na,1.5,x.flac,s\n")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['wrd'\]; a manifest needs"):
         read_manifest(path, "/corpus")
     path.write_text("ID,duration,wav,spk_id,wrd\na,1.5s,x.flac,s,t\n")
-    with pytest.raises(ValueError, match=r"line 2: duration '1.5s' of 'a' is not a number"):
+    with pytest.raises(ValueError, match=r"row 1 \(line 2\): duration '1.5s' of 'a' is not a "
+                                         r"number"):
         read_manifest(path, "/corpus")
