@@ -17,15 +17,24 @@ The new recipe holds ``hparams/<name>.yaml`` (the source yaml with the language,
 Brain that ``train.py`` uses, to change the forward pass or the loss. Then the tool checks the
 language's text normaliser, runs the recipe's pre-flight validation on the new data, prints the
 CTC character vocabulary (or Whisper's prefix tokens) and trains a few batches (SpeechBrain's
-``--debug``) into a throw-away folder (``--no_dry_run`` skips that).
+``--debug``) into a throw-away folder (``--no_dry_run`` skips that). The pre-flight's output, its
+report ``preflight_report.tsv`` and the prepared manifests, stays in ``<out>/preflight/`` (the
+failure message points there); ``--preflight skip`` drops the training utterances it finds bad
+instead of stopping, as ``train.py --preflight=skip`` does.
+
+Paths go into the yaml as ruamel.yaml writes them (quoted where needed), so a folder name with
+``: ``, `` #``, quotes, ``!``, ``&``, ``*`` or a leading space reads back as the same path.
 """
 
 import argparse
 import ast
 import inspect
+import io
+import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,6 +42,10 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from urllib.parse import quote, unquote
+
+import ruamel.yaml
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from speechtune.data import write_manifest
 from speechtune.preflight import PreflightError
@@ -53,6 +66,8 @@ CORPUS_KEYS = ("manifest_folder", "train_splits", "dev_splits", "test_splits", "
 MANIFEST_HELP = ("a CSV or JSONL manifest per split with columns audio (or wav) and text (or "
                  "wrd), optional id, speaker, duration and group columns; see "
                  "speechtune/prepare/custom.py")
+YAML = ruamel.yaml.YAML(typ="rt")  # hyperpyyaml's reader
+YAML.width = 1 << 30  # a long path stays on its key's line
 
 
 class RecipeError(Exception):
@@ -162,6 +177,45 @@ def relative(path, start):
     return str(path)
 
 
+def yaml_line(key, value, comment=None):
+    """``key: value`` as one yaml line, the value written by ruamel.yaml: quoted where a path
+    holds ``: ``, `` #``, a leading ``!``, ``&``, ``*``, quote or space (pasted as text these broke
+    the yaml or, `` #``, cut the path short), and read back to check it is the same string."""
+    for style in (str, DoubleQuotedScalarString):  # double quotes escape what the others lose
+        text = io.StringIO()
+        YAML.dump({key: style(value)}, text)
+        line = text.getvalue().rstrip("\n")
+        try:
+            if "\n" not in line and YAML.load(line) == {key: value} and line.encode("utf-8"):
+                return line + (f"   # {comment}" if comment else "")
+        except (ruamel.yaml.YAMLError, UnicodeEncodeError):
+            pass
+    raise RecipeError(f"{value!r} cannot be written into a yaml as {key} (ruamel.yaml does not "
+                      "read it back the same): rename that folder or file.")
+
+
+def comment_text(text):
+    """``text`` for a yaml comment line: a line break in it would end the comment."""
+    return text if text.isprintable() else ascii(text)
+
+
+def include_tag(target, written, src_yaml):
+    """``written`` (the path to ``target``) for a yaml ``!include:`` tag: a tag holds no space,
+    ``#``, quote ..., so those are %-escaped (ruamel.yaml decodes them)."""
+    if not str(target).isascii():  # the recipe loader makes every include absolute
+        raise RecipeError(f"{src_yaml} includes {target}, a path with non-ASCII characters: "
+                          "ruamel.yaml reads them back garbled from a yaml tag (%-escapes as "
+                          "Latin-1). Fix: move the repository to a folder with an ASCII path.")
+    return "!include:" + quote(written, safe="/")
+
+
+def override(key, value):
+    """``--key=value`` for SpeechBrain's command line with ``value`` (a path) in yaml double
+    quotes: SpeechBrain pastes ``key: value`` into yaml and splits the arguments at every ``=``
+    (``\\x3d`` is ``=`` escaped), so a folder named with ``: ``, `` #`` or ``=`` broke it."""
+    return f"--{key}=" + json.dumps(str(value), ensure_ascii=False).replace("=", "\\x3d")
+
+
 def replace_key(lines, key, new):
     """Replace top-level ``key`` (and its indented continuation lines) by ``new``; drop it when
     ``new`` is None. Returns whether the key was there."""
@@ -184,12 +238,13 @@ def new_yaml(src_yaml, out_yaml, family, language, manifests, root, name, recipe
     src_rel = src_yaml.relative_to(REPO) if REPO in src_yaml.parents else src_yaml
     header = [
         "# " + "#" * 76,
-        f"# Recipe:  {recipe_name} — {family.summary}, language `{language}`, on your own corpus",
+        f"# Recipe:  {comment_text(recipe_name)} — {family.summary}, language `{language}`, on "
+        "your own corpus",
         "# Data:    one manifest per split (CSV/JSONL; columns in speechtune/prepare/custom.py),",
-        f"#          train: {rel['train']} (keys under data_folder below)",
-        f"# Model:   as in {src_rel}, copied by tools/new_recipe.py;",
+        f"#          train: {comment_text(rel['train'])} (keys under data_folder below)",
+        f"# Model:   as in {comment_text(str(src_rel))}, copied by tools/new_recipe.py;",
         "#          comments on timings and sizes below describe that recipe's corpus",
-        f"# Run:     cd {recipe_name} && {command}",
+        f"# Run:     cd {comment_text(shlex.quote(recipe_name))} && {command}",
         "# Override example (other seed, fewer epochs, skip bad training utterances):",
         f"#          {command} --seed=2 --number_of_epochs=5 --preflight=skip",
         "# " + "#" * 76,
@@ -197,16 +252,17 @@ def new_yaml(src_yaml, out_yaml, family, language, manifests, root, name, recipe
     body = lines[start:]
     replace_key(body, "language", None)
     body.insert(next(i for i, line in enumerate(body) if line.startswith("defaults:")) + 1,
-                f"language: {language}                # {family.language_use}")
+                yaml_line("language", language, family.language_use))
     data = [
         "# Your corpus (speechtune.prepare.custom): one CSV/JSONL manifest per split, written as",
         "# contract manifests (ID,duration,wav,spk_id,wrd + group columns) into manifest_folder.",
         "# Relative audio paths start at each manifest's own folder.",
-        f"data_folder: {relative(root, out_yaml.parent.parent)}   # what $data_root in audio "
-        "paths stands for",
-        f"train_manifest: {rel['train']}",
-        f"valid_manifest: {rel['valid']}",
-        f"test_manifest: {rel.get('test', 'null')}    # null: no test split",
+        yaml_line("data_folder", relative(root, out_yaml.parent.parent),
+                  "what $data_root in audio paths stands for"),
+        yaml_line("train_manifest", rel["train"]),
+        yaml_line("valid_manifest", rel["valid"]),
+        yaml_line("test_manifest", rel["test"], "null: no test split") if "test" in rel
+        else "test_manifest: null    # null: no test split",
         "manifest_folder: !ref <output_folder>/manifests",
     ]
     for key in CORPUS_KEYS:  # the source corpus's own preparation keys
@@ -215,10 +271,15 @@ def new_yaml(src_yaml, out_yaml, family, language, manifests, root, name, recipe
         raise RecipeError(f"{src_yaml} has no data_folder key: copy it by hand.")
     replace_key(body, "output_folder", [f"output_folder: !ref results/{name}_<language>/<seed>"])
     text = "\n".join(body)
-    text = re.sub(r"!include:(\S+)", lambda m: "!include:" + relative(
-        (src_yaml.parent / m[1]).resolve(), out_yaml.parent), text)
-    text = re.sub(r"^defaults: (\S+)", lambda m: "defaults: " + relative(
-        (src_yaml.parent / m[1]).resolve(), out_yaml.parent), text, flags=re.M)
+
+    def moved(name):  # a path the source yaml gives relative to itself, from the new place
+        target = (src_yaml.parent / name).resolve()
+        return target, relative(target, out_yaml.parent)
+
+    text = re.sub(r"!include:(\S+)", lambda m: include_tag(
+        *moved(unquote(m[1])), src_yaml=src_yaml), text)
+    text = re.sub(r"^defaults: (\S+)", lambda m: yaml_line("defaults", moved(m[1])[1]), text,
+                  flags=re.M)
     leftover = [line for line in text.splitlines() if "<data_folder>/<language>" in line]
     if leftover:
         raise RecipeError(f"{src_yaml}: lines that assume the source corpus layout: {leftover}")
@@ -322,13 +383,16 @@ def check_manifests(manifests):
         columns(Path(path), rows)
 
 
-def preflight(out, yaml_rel, family, tmp, overrides):
-    """The recipe's own pre-flight (preparation, vocabulary, data checks) on the new data."""
+def preflight(out, yaml_rel, family, folder, overrides):
+    """The recipe's own pre-flight (preparation, vocabulary, data checks) on the new data, with
+    ``folder`` as output folder: the prepared manifests and ``preflight_report.tsv`` stay there."""
+    report = folder / "preflight_report.tsv"
+    report.unlink(missing_ok=True)  # a report there is this run's, never an earlier one's
     cwd = os.getcwd()
     os.chdir(out)  # the yaml's relative paths start at the recipe folder, as for train.py
     try:
-        hparams, run_opts = load_hparams([yaml_rel, f"--output_folder={tmp}", *overrides],
-                                         record=False)
+        hparams, run_opts = load_hparams([yaml_rel, override("output_folder", folder),
+                                          *overrides], record=False)
         for name in list(logging.root.manager.loggerDict):  # keep our summary readable
             if name.startswith("speechbrain"):
                 logging.getLogger(name).setLevel(logging.WARNING)
@@ -340,15 +404,18 @@ def preflight(out, yaml_rel, family, tmp, overrides):
         seconds = sum(float(dataset.data[i]["duration"]) for i in dataset.data_ids)
         say(f"  {split}: {len(dataset)} utterances, {seconds / 60:.1f} min")
     say(experiment.family.setup_summary())
+    listed = report.read_text(encoding="utf-8").splitlines()[1:] if report.is_file() else []
+    say(f"pre-flight report: {report} "
+        f"({sum(not line.startswith('#') for line in listed)} utterance(s) listed)")
 
 
-def dry_run(out, yaml_rel, tmp, overrides):
+def dry_run(out, yaml_rel, folder, overrides):
     """A few batches of training, validation and test (SpeechBrain's --debug)."""
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "0"))
     start = time.time()
     proc = subprocess.run(
         [sys.executable, "train.py", yaml_rel, "--debug", "--debug_batches=2",
-         "--debug_epochs=1", f"--output_folder={tmp}", *overrides],
+         "--debug_epochs=1", override("output_folder", folder), *overrides],
         cwd=out, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RecipeError(f"the dry run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -371,12 +438,23 @@ def main(argv=None):
     parser.add_argument("--no_dry_run", action="store_true", help="skip the few-batch run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for the pre-flight and dry run only (not written)")
+    parser.add_argument("--preflight", choices=("error", "skip"),
+                        help="the pre-flight and dry run's --preflight (default: the yaml's, "
+                        "error); skip drops bad training utterances, listed in the report")
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
     overrides = [f"--{kv}" for kv in args.set]
+    overrides += [f"--preflight={args.preflight}"] if args.preflight else []
     made_out = False
+    report = out / "preflight" / "preflight_report.tsv"
     try:
+        set_keys = {kv.split("=", 1)[0] for kv in args.set}
+        if "output_folder" in set_keys:
+            raise RecipeError("--set output_folder: the tool sets it (<out>/preflight for the "
+                              "pre-flight, a temporary folder for the dry run); drop it.")
+        if args.preflight and "preflight" in set_keys:
+            raise RecipeError(f"--preflight {args.preflight} and --set preflight=...: give one.")
         src, family, src_yaml = source_recipe(args.source, args.hparams)
         check_language(args.language, family)
         if out.exists() and not args.force:
@@ -406,20 +484,24 @@ def main(argv=None):
             f"language {args.language})")
         if "$data_root" in Path(manifests["train"]).read_text(encoding="utf-8"):
             say(f"$data_root in the manifests' audio paths = {root} (data_folder in the yaml)")
-        with tempfile.TemporaryDirectory(prefix="new_recipe_") as tmp:
-            say("pre-flight on the new data:")
-            preflight(out, yaml_rel, family, str(Path(tmp) / "preflight"), overrides)
-            if not args.no_dry_run:
-                dry_run(out, yaml_rel, str(Path(tmp) / "dry_run"), overrides)
+        say(f"pre-flight on the new data (its output stays in {report.parent}):")
+        preflight(out, yaml_rel, family, report.parent, overrides)
+        if not args.no_dry_run:
+            with tempfile.TemporaryDirectory(prefix="new_recipe_") as tmp:
+                dry_run(out, yaml_rel, Path(tmp) / "dry_run", overrides)
     except (RecipeError, ManifestError, PreflightError) as err:
         if made_out and out.exists():
             shutil.rmtree(out)
         kept = "" if made_out or not (out / "train.py").exists() else (
             f"\n(The recipe in {out} is written; fix the data, then run its train.py or this "
             "command again with --force.)")
+        if isinstance(err, PreflightError) and report.is_file() and str(report) not in str(err):
+            kept += f"\n(The pre-flight report: {report})"
         print(f"[new_recipe] error: {err}{kept}", file=sys.stderr)
         return 2
-    say(f"next: cd {recipe_name} && python train.py {yaml_rel}")
+    skip = args.preflight == "skip" or "preflight=skip" in args.set  # the yaml says error
+    skip = " --preflight=skip" if skip else ""
+    say(f"next: cd {shlex.quote(recipe_name)} && python train.py {yaml_rel}{skip}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """tools/new_recipe.py: a recipe for a new language that trains, a forked Brain, clear errors."""
 
+import csv
 import importlib.util
 import json
 import os
@@ -7,9 +8,15 @@ import re
 import shutil
 import subprocess
 import sys
+import unicodedata
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import ruamel.yaml
 from fakes import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe, write_subset
+
+from speechtune import data, recipe
 
 TOOL = REPO / "tools" / "new_recipe.py"
 CTC, WHISPER = "recipes/Synthetic/CTC", "recipes/Synthetic/Whisper"
@@ -190,3 +197,140 @@ def test_existing_out_needs_force(tool, capsys, tmp_path, small_da):
                          str(small_da), "--out", str(tmp_path / "out"))
     assert code == 2 and "exists; pass --force" in err
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# Folder names that are yaml syntax when pasted into a yaml line: pasted as text, `: ` stopped
+# the recipe with a ruamel error, ` #` silently cut the path at the comment, a leading `!`, `&`,
+# `*`, quote or space read as a tag, anchor, alias, quoted or trimmed string.
+ODD_NAMES = {"colon": "a: b", "hash": "a #b", "single": "it's", "double": 'say "x"',
+             "bang": "!x", "amp": "&x", "star": "*x", "space": " lead", "equals": "a=b",
+             "percent": "a%20b", "ref": "<seed>", "newline": "a\nb", "danish": "æøå",
+             "nfc": unicodedata.normalize("NFC", "blåbær"),
+             "nfd": unicodedata.normalize("NFD", "blåbær")}
+
+
+@pytest.fixture(scope="module")
+def odd_source(tmp_path_factory):
+    """The Synthetic CTC recipe's yaml and its base yamls under a folder with yaml syntax in its
+    name, so the rewritten `defaults:` and `!include:` paths hold it too."""
+    root = tmp_path_factory.mktemp("src") / "src: #'\"!&* =%20"
+    (root / "hparams").mkdir(parents=True)
+    for name in ("ctc.yaml", "augment.yaml"):
+        shutil.copy(REPO / "hparams" / name, root / "hparams")
+    (root / "recipes" / "Synthetic" / "CTC" / "hparams").mkdir(parents=True)
+    return Path(shutil.copy(REPO / CTC / "hparams" / "wavlm_tiny.yaml",
+                            root / "recipes" / "Synthetic" / "CTC" / "hparams"))
+
+
+@pytest.mark.parametrize("inside", [True, False], ids=["relative", "absolute"])
+@pytest.mark.parametrize("name", list(ODD_NAMES.values()), ids=list(ODD_NAMES))
+def test_paths_with_yaml_syntax_read_back_as_written(tool, tmp_path, odd_source, name, inside):
+    """Relative (a corpus inside the recipe folder, in a checkout: the value starts with the
+    name) and absolute (outside a checkout), as the recipe loader reads the written yaml."""
+    out = tmp_path / f"recipe {name}" / "CTC"
+    if inside:
+        (tmp_path / ".git").mkdir()
+    corpus = out / name if inside else tmp_path / name / "corpus"
+    manifests = {s: corpus / f"{s}.csv" for s in ("train", "valid", "test")}
+    if name == ODD_NAMES["nfd"]:  # its NFC twin beside it: a normalised path would find that
+        (corpus.parent / unicodedata.normalize("NFC", corpus.name)).mkdir(parents=True)
+    out_yaml = out / "hparams" / "wavlm_tiny.yaml"
+    out_yaml.parent.mkdir(parents=True)
+    family = SimpleNamespace(summary="CTC", language_use="text normaliser")
+    out_yaml.write_text(tool.new_yaml(odd_source, out_yaml, family, "da", manifests, corpus,
+                                      "wavlm_tiny", str(out), "python train.py x.yaml"),
+                        encoding="utf-8")
+    hparams = ruamel.yaml.YAML(typ="rt").load(recipe.resolve(out_yaml))
+    for key, path in [("data_folder", corpus), *((f"{s}_manifest", p)
+                                                 for s, p in manifests.items())]:
+        value = str(hparams[key])
+        assert (str(out / value) if inside else value) == str(path), key
+        assert value.startswith(name if inside else str(tmp_path)), key
+    assert hparams["language"] == "da" and hparams["family"] == "ctc"  # the defaults were found
+    # the !include: was read: augment.yaml's keys, with the recipe's own values over them
+    assert hparams["augmentation"]["speeds"] == [90, 100, 110]
+    assert "min_augmentations" in hparams["augmentation"]
+
+
+def test_an_include_path_ruamel_cannot_read_back_is_refused(tool, tmp_path):
+    """ruamel.yaml reads %-escaped non-ASCII in a tag back as Latin-1 (and refuses it raw): a
+    repository under such a folder gets a message, not a garbled path to a missing file."""
+    source = tmp_path / "kode på dansk" / "hparams" / "wavlm_tiny.yaml"
+    source.parent.mkdir(parents=True)
+    source.write_text("defaults: ctc.yaml\ndata_folder: x\noutput_folder: x\n"
+                      "augmentation: !include:augment.yaml\n")
+    family = SimpleNamespace(summary="CTC", language_use="")
+    with pytest.raises(tool.RecipeError, match=r"includes .*kode på dansk/hparams/augment.yaml, "
+                                               r"a path with non-ASCII characters.*Fix: move"):
+        tool.new_yaml(source, tmp_path / "out" / "hparams" / "x.yaml", family, "da",
+                      {"train": source, "valid": source}, tmp_path, "x", "out", "python x")
+
+
+def copy_with_audio(corpus):
+    """``corpus`` (absolute audio paths into the bundled data) with its audio copied into
+    ``corpus/wav`` and named relative to the manifests."""
+    (corpus / "wav").mkdir()
+    for split in ("train", "valid", "test"):
+        with open(corpus / f"{split}.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            shutil.copy(row["wav"], corpus / "wav")
+            row["wav"] = f"wav/{os.path.basename(row['wav'])}"
+        with open(corpus / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return corpus
+
+
+def test_a_corpus_and_recipe_under_odd_folder_names_pass_the_preflight(tmp_path, small_da):
+    odd = " odd: #'\"!&*=%20 " + unicodedata.normalize("NFD", "blåbær")
+    corpus = copy_with_audio(Path(shutil.move(small_da, tmp_path / odd)))
+    out = tmp_path / f"{odd} recipe" / "CTC"
+    proc = new_recipe("--from", CTC, "--language", "da", "--corpus", str(corpus), "--out",
+                      str(out), "--no_dry_run", "--set", MICRO_CTC)
+    assert "train: 40 utterances" in proc.stdout and "test: 8 utterances" in proc.stdout
+    hparams = recipe.compose(out / "hparams" / "wavlm_tiny.yaml")
+    assert [hparams[k] for k in ("data_folder", "train_manifest", "test_manifest")] == [
+        str(corpus), str(corpus / "train.csv"), str(corpus / "test.csv")]
+    prepared = data.read_manifest(out / "preflight" / "manifests" / "train.csv", "unused")
+    assert next(iter(prepared.values()))["wav"].startswith(f"{corpus}/wav/")
+    assert (out / "preflight" / "preflight_report.tsv").is_file()  # kept
+
+
+def test_a_failed_preflight_keeps_its_report_and_preflight_skip_drops_the_utterance(
+        tmp_path, small_da):
+    """The pre-flight's message says 'pass --preflight=skip' and names its report: the tool
+    takes that option, and the report stays in the recipe folder after the tool exits."""
+    lines = (small_da / "train.csv").read_text(encoding="utf-8").splitlines(True)
+    utt, seconds, rest = lines[5].split(",", 2)
+    lines[5] = f"{utt},{float(seconds) + 1.0:.3f},{rest}"  # a manifest duration 1 s off
+    (small_da / "train.csv").write_text("".join(lines), encoding="utf-8")
+    out = tmp_path / "MyDanish" / "CTC"
+    args = ["--from", CTC, "--language", "da", "--corpus", str(small_da), "--out", str(out),
+            "--no_dry_run", "--set", MICRO_CTC]
+    proc = new_recipe(*args, check=False)
+    assert proc.returncode == 2 and f"duration_mismatch: 1 utterance(s), e.g. train/{utt}" in \
+        proc.stderr and "pass --preflight=skip" in proc.stderr, proc.stderr[-3000:]
+    report = Path(re.search(r"listed in the report (\S+preflight_report\.tsv)", proc.stderr)[1])
+    assert report == out / "preflight" / "preflight_report.tsv"
+    assert f"train\t{utt}\tduration_mismatch\t" in report.read_text(encoding="utf-8")
+
+    proc = new_recipe(*args, "--force", "--preflight=skip")
+    assert "train: 39 utterances" in proc.stdout
+    assert f"pre-flight report: {report} (1 utterance(s) listed)" in proc.stdout
+    assert "python train.py hparams/wavlm_tiny.yaml --preflight=skip" in proc.stdout
+    assert f"train\t{utt}\tduration_mismatch\t" in report.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--preflight", "skip", "--set", "preflight=skip"], r"--preflight skip and --set "
+                                                          r"preflight=\.\.\.: give one"),
+    (["--set", "output_folder=x"], r"--set output_folder: the tool sets it"),
+])
+def test_options_the_tool_sets_itself_are_refused_once(tool, capsys, tmp_path, small_da, extra,
+                                                       message):
+    code, err = run_tool(tool, capsys, "--from", CTC, "--language", "da", "--corpus",
+                         str(small_da), "--out", str(tmp_path / "out"), *extra)
+    assert code == 2 and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
