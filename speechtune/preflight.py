@@ -10,6 +10,10 @@ character became ``<unk>``, WER stuck at 1.0). ``run_preflight`` checks every sp
   for Whisper, audio longer than the encoder window (any split) or targets longer than the
   decoder's positions,
 - text with characters outside the vocabulary, above a small threshold,
+- leakage between splits (``speechtune.corpus_checks``): the same ID, file or samples in train
+  and valid/test (or in valid and test); a transcript shared with training is a warning,
+- degenerate training audio: near-silent, clipped, or a constant tone (given the decoded
+  files' statistics, ``corpus_checks.collect_stats``),
 
 and stops with a message naming examples and the fix (``mode="error"``, the default). With
 ``mode="skip"`` offending *training* utterances are dropped and listed in the report; problems in
@@ -17,13 +21,17 @@ valid/test always stop the run, since dropping them would score an easier subset
 """
 
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import soundfile as sf
 
+from speechtune.corpus_checks import DegenerateLimits, degenerate, leakage, shared_transcripts
+from speechtune.prepare.custom import describe_missing_audio
+
 logger = logging.getLogger(__name__)
+PARENTHESISED = re.compile(r"\(\w[^()]{0,58}\)")  # "(inaudible)": reported, not a tag by default
 
 
 class PreflightError(ValueError):
@@ -68,8 +76,21 @@ FIXES = {
                      "example; at most the model's own window) or cut those recordings: a "
                      "shortened window would score them from their first seconds only",
     "empty_audio": "the file holds no samples: re-export it or remove the row",
-    "empty_text": "the transcript is empty after the language's normaliser (blank, or only "
-                  "punctuation): fix the transcript or remove the row",
+    "empty_text": "the transcript is empty after the language's normaliser (blank, only "
+                  "punctuation, or only event tags, which event_tags: drop removes): fix the "
+                  "transcript or remove the row",
+    "shared_id": "the same ID in two splits: if it is one recording, keep it in one split "
+                 "(split by speaker or recording, not by row); if not, make the IDs distinct",
+    "shared_audio": "one audio file in two splits scores the model on what it trained on (or "
+                    "picks the checkpoint on the test set): keep it in one split",
+    "same_audio": "a copy of one recording in two splits (same samples, another file): keep it "
+                  "in one split",
+    "silent_audio": "the file is (near) silence under a transcript: check that the file belongs "
+                    "to the row; for a quiet corpus lower preflight_min_level_dbfs",
+    "clipped_audio": "heavily clipped audio: re-record or drop it; if the whole corpus is "
+                     "clipped like this, raise preflight_max_clipped",
+    "tonal_audio": "a constant tone or DC signal, not speech: check that the file belongs to the "
+                   "row; lower preflight_min_flatness_db to keep such files",
 }
 # reported in the log and the report, never fatal, never dropped
 WARNINGS = {
@@ -77,6 +98,9 @@ WARNINGS = {
                  "full transcript from the first window only",
     "outside_duration_limits": "training utterance(s) outside min_duration / max_duration, "
                                "left out of training",
+    "shared_transcript": "valid/test utterance(s) with the transcript of a training utterance "
+                         "(a sentence the model may have memorised; fine if other speakers read "
+                         "it on purpose)",
 }
 
 
@@ -90,8 +114,11 @@ def check_audio(split, rows, duration_tolerance):
     problems = []
     for row in rows:
         path = row["wav"]
-        if not Path(path).is_file():
-            problems.append(Problem(split, row["ID"], "missing_audio", path))
+        why = describe_missing_audio(path)  # what the path is: missing, a folder, a loop, ...
+        if why is not None:
+            kind = ("missing_audio" if "exist" in why or "missing" in why else
+                    "empty_audio" if "0 bytes" in why else "unreadable_audio")
+            problems.append(Problem(split, row["ID"], kind, f"{path} {why}"))
             continue
         try:
             info = sf.info(path)
@@ -192,8 +219,9 @@ def case_hint(oov, vocab):
             f"target_case: {vocab_case} (the CTC recipes' key).\n")
 
 
-def run_preflight(splits, vocab, label_check, mode="error",
-                  max_oov_rate=0.005, duration_tolerance=0.1, report_path=None, excluded=()):
+def run_preflight(splits, vocab, label_check, mode="error", max_oov_rate=0.005,
+                  duration_tolerance=0.1, report_path=None, excluded=(), audio_stats=None,
+                  limits=None):
     """Validate manifests before training; return ``{split: set of IDs to drop}``.
 
     Parameters
@@ -219,11 +247,17 @@ def run_preflight(splits, vocab, label_check, mode="error",
     excluded : iterable of Problem
         Utterances the recipe left out before the checks (kinds in ``WARNINGS``, e.g. training
         durations outside the limits): reported and logged, not checked.
+    audio_stats : dict, optional
+        ``{wav: corpus_checks.AudioStats}`` of the decoded files: enables the leakage check by
+        content and the degenerate-audio check of training utterances (against ``limits``, a
+        ``corpus_checks.DegenerateLimits``; default its defaults).
+        IDs and resolved paths are checked for leakage either way.
 
     Returns
     -------
     dict mapping split name to the set of utterance IDs to drop (only train can be non-empty).
     """
+    limits = limits or DegenerateLimits()
     if mode not in ("error", "skip"):
         raise ValueError(f"preflight mode must be 'error' or 'skip', got {mode!r}")
     report = Report(problems=list(excluded))
@@ -235,14 +269,24 @@ def run_preflight(splits, vocab, label_check, mode="error",
         texts = [row["target"] for row in rows]
         for row, text in zip(rows, texts, strict=True):
             if not str(row.get("words", text)).strip():
-                report.problems.append(Problem(split, row["ID"], "empty_text",
-                                               repr(row.get("wrd", text))))
+                tags = row.get("event_tags")  # set by apply_event_tags
+                report.problems.append(Problem(split, row["ID"], "empty_text", repr(
+                    row.get("wrd", text)) + (f" after dropping event tags {tags}" if tags else "")))
                 continue
             found = label_check(split, row, text)
             if found is not None:
                 report.problems.append(Problem(split, row["ID"], *found))
         if vocab is not None:  # train too: a reloaded vocabulary may not cover changed data
             report.oov[split], report.oov_rate[split] = oov_characters(texts, vocab)
+        if split == "train" and audio_stats is not None:
+            for row in rows:
+                found = row["wav"] in audio_stats and degenerate(audio_stats[row["wav"]], limits)
+                if found:
+                    report.problems.append(Problem(split, row["ID"], *found))
+    content = None if audio_stats is None else {w: s.content for w, s in audio_stats.items()}
+    report.problems += [Problem(*found) for found in leakage(splits, content)]
+    report.problems += [Problem(split, utt_id, "shared_transcript", detail)
+                        for split, utt_id, detail in shared_transcripts(splits)]
     if report_path is not None:
         report.write(report_path)
 
@@ -288,3 +332,53 @@ def run_preflight(splits, vocab, label_check, mode="error",
         logger.warning("pre-flight: skipping %d utterance(s) with %s (see %s)", n, kind,
                        report_path)
     return {split: {p.utt_id for p in problems if p.split == split} for split in splits}
+
+
+def all_outside_message(durations, lo, hi):
+    """The message when every training row is outside the duration limits: the limits, the
+    shortest and longest duration seen, and the likely cause when they look like
+    milliseconds."""
+    shortest, longest = min(durations), max(durations)
+    hint = ("Durations look like milliseconds: the manifest's duration column is in seconds "
+            "(divide by 1000, or drop the column to have durations read from the audio)."
+            if shortest > 100 * hi or shortest > 1000 else
+            "Fix: check the manifest's duration column (seconds), or set min_duration / "
+            "max_duration to include them.")
+    return (f"Split 'train' is empty: every one of its {len(durations)} rows is outside the "
+            f"duration limits [{lo:g}, {hi:g}] s (min_duration, max_duration); its durations "
+            f"run from {shortest:g} to {longest:g} s. {hint}")
+
+
+def apply_event_tags(tags, rows, languages):
+    """Drop, keep or map the event tags of every transcript (``tags``: a
+    ``speechtune.text.EventTags`` from the yaml's ``event_tags`` keys) before the family
+    normalises it, and log what was found: a count and examples of tags, and of parenthesised
+    text when parentheses are not tag brackets."""
+    for language in set(languages.values()):
+        tags.check_token(language)
+    found, examples, emptied, parenthesised = Counter(), {}, [], []
+    for split, split_rows in rows.items():
+        for utt_id, row in split_rows.items():
+            seen = tags.find(row["wrd"])
+            if seen:
+                row["event_tags"] = seen
+                found.update(seen)
+                examples.setdefault(f"{split}/{utt_id}", row["wrd"])
+                row["wrd"] = tags.apply(row["wrd"])
+                emptied += [f"{split}/{utt_id}"] if not row["wrd"].strip() else []
+            if "(" not in tags.brackets and PARENTHESISED.search(row["wrd"]):
+                parenthesised.append((f"{split}/{utt_id}", PARENTHESISED.search(row["wrd"])[0]))
+    if found:
+        done = {"drop": "dropped", "keep": "kept as text",
+                "map": f"mapped to {tags.token!r}"}[tags.policy]
+        first = next(iter(examples.items()))
+        logger.warning(
+            "pre-flight: %d event tag(s) in %d transcript(s) %s (event_tags: %s); most common: "
+            "%s; e.g. %s: %r%s", sum(found.values()), len(examples), done, tags.policy,
+            ", ".join(f"{t} x{n}" for t, n in found.most_common(5)), *first,
+            f"; {len(emptied)} transcript(s) held only tags, e.g. {emptied[0]} (empty_text "
+            "below)" if emptied else "")
+    if parenthesised:
+        logger.warning("pre-flight: %d transcript(s) hold parenthesised text, kept as words, "
+                       "e.g. %s: %r; if these are event tags, add \"()\" to "
+                       "event_tag_brackets", len(parenthesised), *parenthesised[0])

@@ -23,7 +23,15 @@ from speechbrain.utils.distributed import ddp_broadcast, run_on_main
 
 from speechtune import data, families
 from speechtune.brain import FineTuneBrain
-from speechtune.preflight import Problem, run_preflight
+from speechtune.corpus_checks import DegenerateLimits, cache_path, collect_stats
+from speechtune.preflight import (
+    PreflightError,
+    Problem,
+    all_outside_message,
+    apply_event_tags,
+    run_preflight,
+)
+from speechtune.text import EventTags
 
 
 def compose(hparams_file):
@@ -246,19 +254,34 @@ def build_experiment(hparams, run_opts, prepare, family=None):
     lo, hi = hparams["min_duration"], hparams["max_duration"]
     outside = {i: r["duration"] for i, r in rows["train"].items()
                if not lo <= r["duration"] <= hi}
+    if outside and len(outside) == len(rows["train"]):
+        raise PreflightError(all_outside_message(outside.values(), lo, hi))
     rows["train"] = {i: r for i, r in rows["train"].items() if i not in outside}
     groups = group_columns(hparams["group_columns"], rows)
     languages = {split: manifests.languages.get(split, hparams["language"]) for split in rows}
+    apply_event_tags(EventTags(hparams["event_tags"], hparams["event_tag_brackets"],
+                               hparams["event_tag_token"]), rows, languages)
 
     def preflight(chars, label_check):
+        splits = {split: list(split_rows.values()) for split, split_rows in rows.items()}
+        stats = None
+        if hparams["preflight_audio_checks"]:  # decoded once, by the main process
+            kwargs = {"paths": [r["wav"] for split_rows in splits.values() for r in split_rows],
+                      "cache_path": hparams["preflight_audio_cache"] or cache_path(
+                          manifests.train, hparams["output_folder"]),
+                      "workers": hparams["num_workers"]}
+            run_on_main(collect_stats, kwargs=kwargs)
+            stats = collect_stats(**kwargs)  # every process: read from the cache
         return run_preflight(
-            {split: list(split_rows.values()) for split, split_rows in rows.items()},
-            chars, label_check, mode=hparams["preflight"],
+            splits, chars, label_check, mode=hparams["preflight"],
             max_oov_rate=hparams["preflight_max_oov_rate"],
             report_path=Path(hparams["output_folder"]) / "preflight_report.tsv",
             excluded=[Problem("train", i, "outside_duration_limits",
                               f"{d:.3f} s, not within [{lo}, {hi}] s (min_duration, "
-                              "max_duration)") for i, d in sorted(outside.items())])
+                              "max_duration)") for i, d in sorted(outside.items())],
+            audio_stats=stats, limits=DegenerateLimits(
+                hparams["preflight_min_level_dbfs"], hparams["preflight_max_clipped"],
+                hparams["preflight_min_flatness_db"]))
 
     built = setup.setup(rows, languages, run_opts, preflight)
     brain = built.brain

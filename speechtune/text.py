@@ -84,3 +84,54 @@ register_normalizer("da", "nb", "nn", "sv", "de", "nl", "fi", "is", "pl", "cs", 
 )
 register_normalizer("fr", "it", "ca")(lambda text: basic_normalize(text, keep_apostrophe=True))
 
+
+
+class EventTags:
+    """What to do with event tags in transcripts: ``[noise]``, ``<laughter>``, ``<unk>``.
+
+    A tag is a bracketed span standing as a whole token (no letter or digit glued to either
+    bracket, no space just inside them, at most 60 characters) for each bracket pair in
+    ``brackets`` (default square and angle; parentheses are ordinary text unless ``"()"`` is
+    added: "(inaudible)" is a tag in some corpora, "(laughs)" part of the text in others).
+    ``policy``: ``drop`` removes tags, ``keep`` leaves them to the language's normaliser (which
+    turns ``[noise]`` into the word "noise"), ``map`` replaces each by ``token``. Applied to the
+    raw transcript before normalisation, so targets and references get the same treatment.
+    """
+
+    POLICIES = ("drop", "keep", "map")
+
+    def __init__(self, policy="drop", brackets="[]<>", token=None):
+        if policy not in self.POLICIES:
+            raise ValueError(f"event_tags={policy!r}: use one of {', '.join(self.POLICIES)}")
+        if len(brackets) % 2 or not brackets:
+            raise ValueError(f"event_tag_brackets={brackets!r}: give bracket pairs, opening "
+                             "then closing, e.g. \"[]<>\" or \"[]<>()\"")
+        if policy == "map" and not (token and token.strip() and len(token.split()) == 1):
+            raise ValueError(f"event_tags: map needs event_tag_token, one word (got {token!r})")
+        self.policy, self.token, self.brackets = policy, token, brackets
+        spans = []
+        for opening, closing in zip(brackets[::2], brackets[1::2], strict=True):
+            o, c, inner = re.escape(opening), re.escape(closing), f"[^{re.escape(brackets)}\\n]"
+            spans.append(rf"{o}(?!\s){inner}{{1,60}}(?<!\s){c}")
+        self.pattern = re.compile(rf"(?<![^\W_])(?:{'|'.join(spans)})(?![^\W_])")
+
+    def find(self, text: str) -> list[str]:
+        """The tags in ``text``, in order."""
+        return self.pattern.findall(text)
+
+    def apply(self, text: str) -> str:
+        """``text`` with its tags dropped, kept or mapped (``policy``)."""
+        if self.policy == "keep":
+            return text
+        replaced = self.pattern.sub(" " if self.policy == "drop" else f" {self.token} ", text)
+        return _SPACES.sub(" ", replaced).strip()
+
+    def check_token(self, language: str):
+        """``map``: the token must come out of ``language``'s normaliser unchanged, or it would
+        become other words in targets and references."""
+        if self.policy == "map":
+            normalized = get_normalizer(language)(self.token)
+            if normalized != self.token:
+                raise ValueError(f"event_tag_token={self.token!r} becomes {normalized!r} in the "
+                                 f"'{language}' normaliser: pick a word it keeps as it is, e.g. "
+                                 "'noise' (lower case, letters only)")

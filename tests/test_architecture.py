@@ -17,7 +17,7 @@ PACKAGE = REPO / "speechtune"
 FAMILY_MODULES = {"ctc", "ctc_decoding", "ctc_export", "lm_tuning", "whisper", "whisper_export",
                   "whisper_models", "encoder_cache", "families"}
 # modules that must not import the training stack (preparation runs without it)
-DATA_SIDE = {"data", "text", "prepare", "prepare.commonvoice", "prepare.coral",
+DATA_SIDE = {"data", "text", "corpus_checks", "prepare", "prepare.commonvoice", "prepare.coral",
              "prepare.coral_groups", "prepare.custom", "prepare.files", "prepare.librispeech",
              "prepare.synthetic"}
 TRAINING_STACK = {"recipe", "brain", "family", "families", "ctc", "whisper", "lm_tuning"}

@@ -1,5 +1,6 @@
 """Pre-flight validation: each failure stops the run with a message naming the items and the fix."""
 
+import re
 import shutil
 
 import numpy as np
@@ -213,3 +214,23 @@ def test_speed_length_factors_match_speechbrains_speed_perturbation():
     assert (shortest, longest) == (100 / 110, 100 / 90)
     assert shortest == pytest.approx(min(lengths.values()), abs=1e-3)
     assert longest == pytest.approx(max(lengths.values()), abs=1e-3)
+
+
+def test_a_folder_an_empty_file_and_a_symlink_loop_say_what_they_are(tmp_path):
+    """Each used to read "not found" or "format not recognised"."""
+    (tmp_path / "folder.wav").mkdir()
+    (tmp_path / "zero.wav").write_bytes(b"")
+    (tmp_path / "loop.wav").symlink_to(tmp_path / "loop.wav")
+    (tmp_path / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    expected = {"folder.wav": ("unreadable_audio", "is a directory"),
+                "zero.wav": ("empty_audio", "is empty (0 bytes)"),
+                "loop.wav": ("unreadable_audio", "is a symlink loop"),
+                "dangling.wav": ("missing_audio", f"is a symlink to a missing file "
+                                                  f"{tmp_path / 'gone.wav'}")}
+    for name, (kind, phrase) in expected.items():
+        splits = clean_splits(tmp_path)
+        splits["test"][0]["wav"] = str(tmp_path / name)
+        with pytest.raises(PreflightError, match=rf"(?s){kind}: 1 utterance.*test/s0 "
+                                                 rf"\({re.escape(str(tmp_path / name))} "
+                                                 rf"{re.escape(phrase)}\)"):
+            check(splits)
