@@ -12,11 +12,12 @@ optimizer trains (``parameter_groups``); the rest is here, once:
   runs without autograd and its optimizer (if it has one) is not stepped;
 - validation at epoch ends and every ``valid_every_steps`` optimizer steps, each followed by a
   checkpoint that keeps the best WER and the latest ``num_to_keep``;
-- training by epochs (``number_of_epochs``) or up to a number of optimizer steps
-  (SpeechBrain's ``optimizer_step_limit``, settable in yaml), whichever comes first;
-- the loss/WER history (checkpointed) and ``curves.png``; test alignments in ``wer_<split>.txt``;
-- testing the best-WER checkpoint, or the average of the ``average_best`` best ones; per-group
-  WER/CER with bootstrap intervals (``speechtune.metrics``) when the manifests have group columns.
+- training by epochs or up to ``optimizer_step_limit`` optimizer steps, whichever comes first;
+- the loss/WER history (checkpointed) and ``curves.png``; per test utterance ``wer_<split>.txt``
+  and ``hyps_<split>.tsv``;
+- testing the best-WER checkpoint, or the average of the ``average_best`` best ones, or the best
+  that kept the retain sets (``speechtune.retain``); per-group WER/CER with bootstrap intervals
+  (``speechtune.metrics``) when the manifests have group columns.
 
 Keys read here (a missing key is an error, never a silent default): ``optim``,
 ``freeze_encoder_steps``, ``valid_every_steps``, ``log_every_steps``, ``num_to_keep``,
@@ -34,10 +35,9 @@ from speechbrain.nnet.schedulers import TriStageLRSchedule
 from speechbrain.utils.checkpoints import average_checkpoints
 from speechbrain.utils.distributed import ddp_all_reduce
 
-from speechtune import adapters
+from speechtune import adapters, metrics
 from speechtune.checkpoints import RNGState
-from speechtune.metrics import group_rows, write_group_report
-from speechtune.outputs import write_curves
+from speechtune.outputs import report_groups, write_curves
 from speechtune.sb_compat import BrainCompat
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class FineTuneBrain(BrainCompat):
     valid_loader = None
     zero_shot = False  # True while ``evaluate(..., zero_shot=True)`` runs
     split_languages = {}  # {split: language}, set by the recipe runner
+    scoring_split = "valid"  # the split being decoded (valid, a test or a retain set)
+    retain = None  # a ``speechtune.retain.RetainGuard`` when the yaml names retain sets
     #: the optimizer group that trains the encoder, skipped while it is frozen (None: the
     #: family has one optimizer; a frozen encoder then simply has no gradients)
     encoder_group = "encoder"
@@ -170,7 +172,7 @@ class FineTuneBrain(BrainCompat):
         """Current LR of each optimizer."""
         return {f"lr_{n}": o.param_groups[0]["lr"] for n, o in self.optimizers_dict.items()}
 
-    # ------------------------------------------------------------------ failures of one batch
+    # ------------------------------------------------------- failures of one batch (OOM, NaN)
     def fit_batch(self, batch):
         """SpeechBrain's training step; out of GPU memory, the error names the batch: its
         utterances and their seconds, and the keys that make batches smaller."""
@@ -188,7 +190,6 @@ class FineTuneBrain(BrainCompat):
                 "keep the effective batch. The checkpoints saved so far are intact: rerunning "
                 f"the command resumes.\n({err})") from err
 
-    # ------------------------------------------------------------------ non-finite losses
     def on_fit_batch_start(self, batch, should_step):
         """Remember the batch's utterances (named if its loss is not finite)."""
         self._batch_ids = list(batch.id)
@@ -281,6 +282,7 @@ class FineTuneBrain(BrainCompat):
         else:
             self.wer_metric = self.hparams.wer_computer()
             self.cer_metric = self.hparams.cer_computer()
+            self.hypotheses = {}  # {id: (raw reference, raw hypothesis)}, by the family
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Log stats; checkpoint on validation (best WER + latest kept); write test alignments."""
@@ -298,24 +300,18 @@ class FineTuneBrain(BrainCompat):
             self.hparams.train_logger.log_stats(stats_meta=meta, test_stats=stats)
             path = f"{self.hparams.output_folder}/wer_{self.test_name}.txt"
             if sb.utils.distributed.if_main_process():  # under DDP every process tested it all
-                with open(path, "w", encoding="utf-8") as f:
-                    self.wer_metric.write_stats(f)
+                metrics.write_test_files(self)  # wer_<split>.txt, hyps_<split>.tsv
             self.test_stats = stats
             if self.groups and self.groups.get(self.test_split) and \
                     sb.utils.distributed.if_main_process():
-                self._write_group_report()
+                stem = f"{self.hparams.output_folder}/wer_{self.test_name}_groups"
+                text = report_groups(self.wer_metric.scores, self.cer_metric.scores,
+                                     self.groups[self.test_split], self.test_name, stem,
+                                     int(self.hparams.group_bootstrap_resamples),
+                                     self.hparams.seed)
+                logger.info("per-group results (%s.md):\n%s", stem, text)
             logger.info("%s WER %.2f%%  CER %.2f%%  (alignments: %s)", self.test_name,
                         stats["WER"], stats["CER"], path)
-
-    def _write_group_report(self):
-        """WER/CER per value of every group column, with seeded bootstrap 95% intervals, to
-        ``wer_<split>_groups.md`` / ``.csv`` and the log."""
-        resamples = int(self.hparams.group_bootstrap_resamples)
-        rows = group_rows(self.wer_metric.scores, self.cer_metric.scores,
-                          self.groups[self.test_split], resamples, self.hparams.seed)
-        stem = f"{self.hparams.output_folder}/wer_{self.test_name}_groups"
-        text = write_group_report(rows, self.test_name, resamples, f"{stem}.md", f"{stem}.csv")
-        logger.info("per-group results (%s.md):\n%s", stem, text)
 
     def _error_stats(self, loss):
         return {"loss": loss, "WER": self.wer_metric.summarize("error_rate"),
@@ -325,15 +321,17 @@ class FineTuneBrain(BrainCompat):
         stats = self._error_stats(loss)
         step = self.optimizer_step
         meta = {"epoch": self.current_epoch, "step": step, **self.current_lrs()}
+        kept = {"WER": stats["WER"], "CER": stats["CER"], "epoch": self.current_epoch,
+                "step": step}
+        keys = [] if self.retain is None else self.retain.on_validation(self, stats, kept)
         # mid-epoch: the running average of this epoch so far, not the previous epoch's loss
         train_stats = self.train_stats if end_of_epoch else {"loss": float(self.avg_train_loss)}
         self.hparams.train_logger.log_stats(
             stats_meta=meta, train_stats=train_stats, valid_stats=stats)
         self.hparams.history.add_valid(step, stats["WER"], stats["CER"])
         self.checkpointer.save_and_keep_only(
-            meta={"WER": stats["WER"], "CER": stats["CER"], "epoch": self.current_epoch,
-                  "step": step},
-            min_keys=["WER"], num_to_keep=self.hparams.num_to_keep, end_of_epoch=end_of_epoch)
+            meta=kept, min_keys=["WER"], importance_keys=keys,
+            num_to_keep=self.hparams.num_to_keep, end_of_epoch=end_of_epoch)
         if sb.utils.distributed.if_main_process():
             write_curves(self.hparams.history, f"{self.hparams.output_folder}/curves.png")
 
@@ -366,6 +364,8 @@ class FineTuneBrain(BrainCompat):
         if self.zero_shot:
             return
         n = int(self.hparams.average_best)
+        if self.retain is not None and self.retain.max_rise is not None:
+            return self.retain.recover(self, min_key)
         if n <= 1:
             self.averaged_from = None
             return super().on_evaluate_start(max_key=max_key, min_key=min_key)
@@ -389,11 +389,12 @@ class FineTuneBrain(BrainCompat):
 
         ``zero_shot``: score the modules as they are (the pretrained weights, before ``fit``
         recovers or trains anything); alignments go to ``wer_<split>_zero_shot.txt``."""
-        self.test_split, self.zero_shot = split, zero_shot
+        self.test_split = self.scoring_split = split
+        self.zero_shot = zero_shot
         self.test_name = f"{split}_zero_shot" if zero_shot else split
         kwargs.setdefault("min_key", "WER")
         try:
             super().evaluate(test_set, **kwargs)
         finally:
-            self.zero_shot = False
+            self.zero_shot, self.scoring_split = False, "valid"
         return self.test_stats

@@ -89,6 +89,8 @@ class CTCBrain(FineTuneBrain):
             targets = [words.split() for words in batch.words]
             self.wer_metric.append(batch.id, hyps, targets)
             self.cer_metric.append(batch.id, hyps, targets)
+            raw = zip(batch.wrd, map(" ".join, hyps), strict=True)  # hyps_<split>.tsv
+            self.hypotheses.update(zip(batch.id, raw, strict=True))
         return loss
 
 
@@ -127,11 +129,11 @@ class CTCFamily(Family):
 
     def set_texts(self, rows, languages):
         """Targets and references are the same transcript, normalised for the split's language
-        (``languages``), in ``target_case``."""
+        (``languages``; a replay row's own ``utt_language``), in ``target_case``."""
         case = str.upper if self.hparams["target_case"] == "upper" else str.lower
         for split, split_rows in rows.items():
-            normalize = get_normalizer(languages[split])
             for row in split_rows.values():
+                normalize = get_normalizer(row.get("utt_language") or languages[split])
                 row["words"] = row["target"] = case(normalize(row["wrd"]))
 
     def build_tokenizer(self, train_rows):
@@ -208,7 +210,8 @@ class CTCFamily(Family):
             return torch.LongTensor(tokenizer.encode_sequence(list(words)))
 
         sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
-        sb.dataio.dataset.set_output_keys(datasets, ["id", "sig", "words", "tokens", "duration"])
+        sb.dataio.dataset.set_output_keys(datasets,
+                                          ["id", "sig", "wrd", "words", "tokens", "duration"])
 
     def modules(self):
         """The encoder and a linear head sized to the vocabulary: new, or the pretrained CTC

@@ -31,6 +31,7 @@ from speechtune.preflight import (
     apply_event_tags,
     run_preflight,
 )
+from speechtune.retain import RetainGuard, base_scores, read_retain_sets, replay_rows
 from speechtune.text import EventTags
 
 
@@ -176,6 +177,10 @@ class Experiment:
     family: object = None  # the family's setup object (its model source, tokenizer, ...)
 
     def fit(self):
+        """Train (the retain sets scored first on the model as loaded, ``speechtune.retain``)."""
+        if self.brain.retain is not None:
+            self.brain.retain.base = base_scores(self.brain, self.brain.retain,
+                                                 self.brain.hparams.output_folder)
         self.brain.fit(self.brain.hparams.epoch_counter, self.train, self.valid,
                        train_loader_kwargs=self.loader_kwargs["train"],
                        valid_loader_kwargs=self.loader_kwargs["valid"])
@@ -251,6 +256,7 @@ def build_experiment(hparams, run_opts, prepare, family=None):
     paths = {"train": manifests.train, "valid": manifests.valid, **manifests.tests}
     rows = {split: data.read_manifest(path, hparams["data_folder"])
             for split, path in paths.items()}
+    rows["train"].update(replay_rows(hparams, rows["train"]))  # each with its utt_language
     lo, hi = hparams["min_duration"], hparams["max_duration"]
     outside = {i: r["duration"] for i, r in rows["train"].items()
                if not lo <= r["duration"] <= hi}
@@ -258,7 +264,10 @@ def build_experiment(hparams, run_opts, prepare, family=None):
         raise PreflightError(all_outside_message(outside.values(), lo, hi))
     rows["train"] = {i: r for i, r in rows["train"].items() if i not in outside}
     groups = group_columns(hparams["group_columns"], rows)
+    retain_rows, retain_languages = read_retain_sets(hparams)
+    rows.update(retain_rows)  # scored like test sets, each in its language
     languages = {split: manifests.languages.get(split, hparams["language"]) for split in rows}
+    languages.update(retain_languages)
     apply_event_tags(EventTags(hparams["event_tags"], hparams["event_tag_brackets"],
                                hparams["event_tag_token"]), rows, languages)
 
@@ -288,6 +297,11 @@ def build_experiment(hparams, run_opts, prepare, family=None):
     run_on_main(record_run, args=[hparams, setup, brain.optimizer_step_limit])
     brain.groups = {split: {i: {c: r.get(c, "") for c in groups} for i, r in split_rows.items()}
                     for split, split_rows in rows.items() if split != "train"} if groups else None
+    if retain_rows:
+        loaders = {split: brain.make_dataloader(
+            built.tests.pop(split), stage=sb.Stage.VALID, ckpt_prefix=None,
+            **_loader_kwargs(hparams, None, "valid")) for split in retain_rows}
+        brain.retain = RetainGuard(loaders, hparams["retain_max_rise"])
     loader_kwargs = {"train": _loader_kwargs(hparams, built.train, "train"),
                      "valid": _loader_kwargs(hparams, built.valid, "valid")}
     loader_kwargs.update({name: _loader_kwargs(hparams, ds, "test")
@@ -324,10 +338,15 @@ def run(argv, prepare, family=None):
     if sb.utils.distributed.if_main_process():
         n = int(hparams["average_best"])
         which = "best-WER checkpoint" if n <= 1 else f"average of the {n} best checkpoints"
+        if experiment.brain.retain is not None and experiment.brain.retain.max_rise is not None:
+            which = "checkpoint chosen with the retain sets, below"
         for name, stats in results.items():
             before = zero_shot.get(name)
             was = (f"; zero-shot WER {before['WER']:.2f}%  CER {before['CER']:.2f}%"
                    if before else "")
             print(f"[speechtune] {name}: WER {stats['WER']:.2f}%  CER {stats['CER']:.2f}%  "
                   f"({which}{was}; alignments in {hparams['output_folder']}/wer_{name}.txt)")
+        guard = experiment.brain.retain
+        for line in guard.summary(experiment.brain.checkpointer) if guard else ():
+            print(f"[speechtune] {line}")
     return experiment, results

@@ -52,13 +52,11 @@ class WhisperBrain(FineTuneBrain):
 
     def on_stage_start(self, stage, epoch=None):
         """Valid/test decode after the language token and score with the normaliser of the
-        split's language (a test set may be in another language than the run's)."""
+        split's language (a test or retain set may be in another language than the run's)."""
         super().on_stage_start(stage, epoch)
         if stage == sb.Stage.TRAIN:
             return
-        language = self.hparams.language
-        if stage == sb.Stage.TEST:
-            language = self.split_languages.get(self.test_split, language)
+        language = self.split_languages.get(self.scoring_split, self.hparams.language)
         token = None if language == self.hparams.language else \
             self.tokenizer.convert_tokens_to_ids(f"<|{language}|>")
         for searcher in (self.valid_search, self.test_search):
@@ -115,6 +113,7 @@ class WhisperBrain(FineTuneBrain):
             targets = [words.split() for words in batch.words]
             self.wer_metric.append(batch.id, predicted, targets)
             self.cer_metric.append(batch.id, predicted, targets)
+            self.hypotheses.update(zip(batch.id, zip(batch.wrd, texts, strict=True), strict=True))
         return loss
 
 
@@ -150,7 +149,7 @@ class WhisperFamily(Family):
         self._check_lora()
         self.whisper = self.tokenizer = self.prefix = self.encoder_cache = self.lora = None
         self.searchers = {}
-        self.score_normalizers = {}  # by language: every split's (set_texts)
+        self.score_normalizers = {}  # by language: every row's (set_texts)
 
     def _check_lora(self):
         """LoRA on the encoder makes it trainable; LoRA on the decoder alone keeps it frozen."""
@@ -268,17 +267,17 @@ class WhisperFamily(Family):
         normalised for its split's language (``languages``). A split in another language than
         the run's is decoded after that language's token."""
         for split, split_rows in rows.items():
-            language = languages[split]
-            if language != self.hparams["language"] and not self.whisper.is_multilingual:
-                raise ValueError(f"test set {split} is in {language}, but "
-                                 f"{self.hparams['model']} is an English-only Whisper")
-            if language not in self.score_normalizers:
-                self.score_normalizers[language] = scoring_normalizer(language, self.tokenizer)
-            score, target = self.score_normalizers[language], get_normalizer(language)
             for row in split_rows.values():
-                row["words"] = score(row["wrd"])
-                row["target"] = target(row["wrd"]) if self.hparams["normalize_targets"] \
-                    else row["wrd"]
+                language = row["utt_language"] = row.get("utt_language") or languages[split]
+                if language != self.hparams["language"] and not self.whisper.is_multilingual:
+                    raise ValueError(f"{split} holds {language} speech ({row['ID']}), but "
+                                     f"{self.hparams['model']} is an English-only Whisper")
+                if language not in self.score_normalizers:
+                    self.score_normalizers[language] = scoring_normalizer(language,
+                                                                          self.tokenizer)
+                row["words"] = self.score_normalizers[language](row["wrd"])
+                row["target"] = get_normalizer(language)(row["wrd"]) \
+                    if self.hparams["normalize_targets"] else row["wrd"]
 
     def build_tokenizer(self, train_rows):
         """Whisper's own byte-level tokenizer covers every character: no vocabulary check."""
@@ -301,22 +300,34 @@ class WhisperFamily(Family):
 
     def add_pipelines(self, datasets):
         """``sig``, ``tokens_bos`` (prefix + text) and ``tokens_eos`` (the same shifted by one:
-        prefix without start-of-transcript + text + end-of-text)."""
+        prefix without start-of-transcript + text + end-of-text); the prefix carries each
+        utterance's own language token (``utt_language``: replay, retain, test sets)."""
         data.add_audio_pipeline(datasets, self.hparams["sample_rate"])
-        tokenizer, prefix, eos = self.tokenizer, self.prefix, self.whisper.eos
+        tokenizer, eos = self.tokenizer, self.whisper.eos
+        prefixes = {language: self.prefix_for(language) for language in self.score_normalizers}
 
-        @sb.utils.data_pipeline.takes("target")
+        @sb.utils.data_pipeline.takes("target", "utt_language")
         @sb.utils.data_pipeline.provides("tokens_bos", "tokens_eos")
-        def text_pipeline(target):
+        def text_pipeline(target, language):
             # position i of the decoder predicts token i + 1: the language and task tokens
             # after <|startoftranscript|>, then the text, then <|endoftext|>
-            tokens = prefix + tokenizer.encode(target, add_special_tokens=False) + [eos]
+            tokens = prefixes[language] + tokenizer.encode(target, add_special_tokens=False) + \
+                [eos]
             yield torch.LongTensor(tokens[:-1])
             yield torch.LongTensor(tokens[1:])
 
         sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
         sb.dataio.dataset.set_output_keys(
-            datasets, ["id", "sig", "words", "tokens_bos", "tokens_eos", "duration"])
+            datasets, ["id", "sig", "wrd", "words", "tokens_bos", "tokens_eos", "duration"])
+
+    def prefix_for(self, language):
+        """The decoder prefix with ``language``'s token (a test, retain or replay utterance in
+        another language than the run's); the run's own prefix for its language."""
+        if language == self.hparams["language"]:
+            return self.prefix
+        token = self.tokenizer.convert_tokens_to_ids(f"<|{language}|>")
+        own = self.tokenizer.convert_tokens_to_ids(f"<|{self.hparams['language']}|>")
+        return [token if t == own else t for t in self.prefix]
 
     def modules(self):
         """The Brain's modules: the Whisper wrapper (encoder and decoder)."""

@@ -40,7 +40,7 @@ from speechtune.prepare.files import read_stamp, write_stamp
 ALIASES = {"wav": ("audio", "wav"), "wrd": ("text", "wrd"), "ID": ("id", "ID"),
            "spk_id": ("speaker", "spk_id"), "duration": ("duration",)}
 # computed by the recipe from the contract columns
-RESERVED = {"words", "target", "sig", "tokens", "event_tags"}
+RESERVED = {"words", "target", "sig", "tokens", "event_tags", "utt_language"}
 COLUMNS = ["ID", "duration", "wav", "spk_id", "wrd"]
 FORMAT = ("a CSV (with a header row) or a JSONL file (one JSON object per line) with an audio "
           "column (`audio` or `wav`) and a text column (`text` or `wrd`); optional `id`, "

@@ -6,7 +6,7 @@ import re
 import pytest
 from fakes import MICRO_ENCODER, MICRO_WHISPER, REPO
 
-from speechtune.recipe import family_of, load_yaml
+from speechtune.recipe import compose, family_of, load_yaml
 
 # the collection's own recipes; one a user made with tools/new_recipe.py (its header says so) is
 # theirs, and tests/tools/test_new_recipe.py covers what the tool writes
@@ -21,6 +21,8 @@ RECIPE_TESTS = {
     "recipes/LibriSpeech/CTC/hparams/wavlm_large_paper.yaml": "recipes/test_librispeech.py",
     "recipes/Synthetic/Whisper/hparams/whisper_tiny.yaml": "recipes/test_synthetic_recipes.py",
     "recipes/Synthetic/Whisper/hparams/whisper_base.yaml": "recipes/test_export.py",
+    "recipes/Synthetic/Whisper/hparams/whisper_base_da_retain.yaml":
+        "recipes/test_synthetic_recipes.py",
     "recipes/LibriSpeech/Whisper/hparams/whisper_small_en.yaml": "recipes/test_librispeech.py",
     "recipes/LibriSpeech/Whisper/hparams/whisper_small_en_lora.yaml":
         "recipes/test_librispeech.py",
@@ -61,7 +63,8 @@ def test_loads_and_builds_with_a_tiny_model(path, tmp_path, micro_encoder_dir,
         overrides["data_folder"] = str(tmp_path)
     if re.search(r"^language: !PLACEHOLDER", text, re.M):  # the language is a parameter
         overrides["language"] = "da"
-    model = re.search(r"^model: (\S+)", text, re.M)[1]
+    composed = compose(path)  # with the keys a recipe takes from its defaults chain
+    model = str(composed["model"])
     if model.startswith("tiny:"):
         overrides["tiny_config"] = MICRO_ENCODER if model == "tiny:wavlm" else MICRO_WHISPER
     elif "WhisperEncoder" in text or ("whisper" in model and not model.endswith(".en")):
@@ -70,7 +73,7 @@ def test_loads_and_builds_with_a_tiny_model(path, tmp_path, micro_encoder_dir,
         overrides["model"] = micro_whisper_en_dir
     else:
         overrides["model"] = micro_encoder_dir
-    if re.search(r"^window_seconds:", text, re.M):  # a shorter window than the model's
+    if composed.get("window_seconds") is not None:  # a shorter window than the model's
         overrides["window_seconds"] = 4
     hparams = load_yaml(path, json.loads(json.dumps(overrides)))
     assert not list(tmp_path.rglob("*.json"))  # loading built no model (only folders)

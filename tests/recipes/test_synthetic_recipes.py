@@ -99,3 +99,30 @@ def test_synthetic_whisper_recipe_trains_two_epochs_and_tests_the_best(tmp_path,
     alignments = check_two_epoch_run(proc, out, ["tiny_model/tokenizer.json"])
     if language == "da":  # the references kept their letters through normalisation
         assert re.search("[æøå]", alignments)
+
+
+@pytest.mark.recipe
+def test_the_danish_retain_recipe_watches_english_replays_it_and_selects_by_it(
+        tmp_path, micro_whisper_multi_dir):
+    """whisper_base_da_retain.yaml on a micro multilingual Whisper: the English retain set is
+    scored before training and at both validations, English replay utterances train beside the
+    Danish ones, and the end of the run names the checkpoint the retain set chose."""
+    data = tmp_path / "data"
+    write_subset(SYNTHETIC / "da", data / "da", {"train": 20, "valid": 6, "test": 6})
+    write_subset(SYNTHETIC / "en", data / "en", {"train": 20, "valid": 6})
+    write_subset(SYNTHETIC / "en_heldout", data / "en_heldout", {"test": 6})
+    out = tmp_path / "results"
+    proc = run_recipe(WHISPER_RECIPE, [
+        "hparams/whisper_base_da_retain.yaml", f"--data_folder={data}",
+        f"--output_folder={out}", f"--model={micro_whisper_multi_dir}", "--number_of_epochs=2",
+        "--zero_shot=False", "--device=cpu", "--retain_max_rise=1000", "--window_seconds=4",
+    ])
+    log = (out / "train_log.txt").read_text()
+    assert log.count("valid WER_retain_en:") == 2
+    base = json.loads((out / "retain_base.json").read_text())["retain_en"]
+    assert f"retain_en: WER {base:.2f}% as loaded -> " in proc.stdout
+    assert "tested the best-WER checkpoint whose retain WER rose by at most 1000 points" in \
+        proc.stdout
+    assert re.search(r"en_heldout: WER \d+\.\d+%", proc.stdout)
+    assert "replay: 5 utterances of the retain sets' replay manifests join the 20" in \
+        proc.stdout + proc.stderr
