@@ -21,7 +21,7 @@ import speechbrain as sb
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_broadcast, run_on_main
 
-from speechtune import data, families
+from speechtune import data, families, gate
 from speechtune.brain import FineTuneBrain
 from speechtune.corpus_checks import DegenerateLimits, cache_path, collect_stats
 from speechtune.preflight import (
@@ -333,6 +333,7 @@ def run(argv, prepare, family=None):
     hparams, run_opts = load_hparams(argv)
     experiment = build_experiment(hparams, run_opts, prepare, family)
     zero_shot = experiment.zero_shot() if hparams["zero_shot"] else {}
+    base = gate.base_numbers(experiment, hparams) if hparams["robustness_gate"] else None
     experiment.fit()
     results = experiment.evaluate()
     if sb.utils.distributed.if_main_process():
@@ -349,4 +350,8 @@ def run(argv, prepare, family=None):
         guard = experiment.brain.retain
         for line in guard.summary(experiment.brain.checkpointer) if guard else ():
             print(f"[speechtune] {line}")
+    if base is not None:  # after the results above: a failing gate loses none of them
+        text = gate.check(experiment, hparams, base)[2]
+        if sb.utils.distributed.if_main_process():
+            print(f"[speechtune] robustness gate ({hparams['output_folder']}/gate.md):\n{text}")
     return experiment, results

@@ -5,6 +5,7 @@
     python tools/checkpoints.py best $RUN
     python tools/checkpoints.py average $RUN -k 3          # score the average on valid and test
     python tools/checkpoints.py export $RUN exported/ [--average 3 | --checkpoint CKPT+...]
+    python tools/checkpoints.py check $RUN [--max_insertions_rise 5 --max_loop_rise 2]
 
 ``RUN`` is a run's output folder (its checkpoints are in ``RUN/save``) or the save folder itself.
 ``list`` prints one row per checkpoint (name, valid WER and CER, epoch, optimizer step, whether it
@@ -17,6 +18,9 @@ class that wrote them.
 ``--average_best=K``: on a finished run that only evaluates, averaging the K best checkpoints
 with SpeechBrain's ``average_checkpoints`` and scoring the average on valid and test like any
 checkpoint (``wer_<split>.txt`` and ``train_log.txt`` then hold the average's results).
+``check`` reruns it with ``--robustness_gate=True``: the non-speech clips and loops of
+``speechtune.gate`` for the tested checkpoint against the model as loaded, in ``RUN/gate.md``
+(``--max_insertions_rise`` / ``--max_loop_rise`` make a regression fail).
 ``export`` writes a self-contained folder that loads offline with SpeechBrain's ``EncoderASR`` /
 ``WhisperASR`` and with transformers' ``from_pretrained`` (``speechtune.export``), with a README
 card; ``tools/transcribe.py`` decodes audio with it.
@@ -80,23 +84,20 @@ def table(items):
     return "\n".join(lines)
 
 
-def evaluate_average(run, k):
-    """Rerun the run's training command with ``--average_best=k`` (it only evaluates a finished
-    run) and print the average's valid and test lines."""
+def rerun_finished(run, options, what):
+    """Rerun a finished run's training command (recorded in ``RUN/run.json``) with ``options``
+    (``--key=value``, replacing the same keys in it): on a finished run that only evaluates.
+    Prints the run's ``[speechtune]`` lines; ``what`` names the purpose in messages."""
     from speechtune.export import read_run
 
     out, save, info = read_run(run)
     kept = rows(save)  # oldest first
-    scored = [r for r in kept if r["WER"] is not None]
-    if k < 2 or k > len(scored):
-        raise SystemExit(f"-k {k}: {out} keeps {len(scored)} checkpoint(s) with a valid WER; "
-                         "average 2 to that many (more need num_to_keep >= k in the yaml)")
     # rerunning the command of an unfinished run would first train the rest of it
     latest = kept[-1]
     command = f"cd {info['cwd']} && python {Path(info['script']).name} {' '.join(info['argv'])}"
     if "epochs" not in info:
         raise SystemExit(f"{out}/run.json predates the record of the epochs to train: run "
-                         f"{command} once (a finished run then only tests), then average.")
+                         f"{command} once (a finished run then only tests), then {what}.")
     limit = info.get("optimizer_step_limit")  # absent from run.json files of older runs
     if not ((latest["end-of-epoch"] and latest["epoch"] >= info["epochs"])
             or (limit and (latest["step"] or 0) >= limit)):
@@ -104,18 +105,35 @@ def evaluate_average(run, k):
             f"{out} is not a finished run (latest checkpoint: epoch {latest['epoch']}, "
             f"{'end of epoch' if latest['end-of-epoch'] else 'mid-epoch'}, step {latest['step']}; "
             f"epochs to train: {info['epochs']}, step limit: {limit}): rerunning its command "
-            f"would train first. Finish it with {command}, then average.")
-    argv = [a for a in info["argv"] if not a.startswith("--average_best")]
-    command = [sys.executable, info["script"], *argv, f"--average_best={k}"]
+            f"would train first. Finish it with {command}, then {what}.")
+    keys = {option.split("=", 1)[0] for option in options}
+    argv = [a for a in info["argv"] if a.split("=", 1)[0] not in keys]
+    command = [sys.executable, info["script"], *argv, *options]
     print("running:", " ".join(command[1:]), f"(in {info['cwd']})", flush=True)
     done = subprocess.run(command, cwd=info["cwd"], capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("[speechtune]") or line.startswith("|"):
+            print(line)
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-5000:])
-        raise SystemExit(f"the evaluation failed (exit {done.returncode}); output above")
-    for line in done.stdout.splitlines():
-        if line.startswith("[speechtune]"):
-            print(line)
+        raise SystemExit(f"{what} failed (exit {done.returncode}); output above")
     return 0
+
+
+def evaluate_average(run, k):
+    """Score the average of the ``k`` best checkpoints: the run's command with
+    ``--average_best=k``."""
+    scored = [r for r in rows(run) if r["WER"] is not None]
+    if k < 2 or k > len(scored):
+        raise SystemExit(f"-k {k}: {run} keeps {len(scored)} checkpoint(s) with a valid WER; "
+                         "average 2 to that many (more need num_to_keep >= k in the yaml)")
+    return rerun_finished(run, [f"--average_best={k}"], "average")
+
+
+def check(run, limits):
+    """The robustness gate (``speechtune.gate``) on a finished run: its command with
+    ``--robustness_gate=True`` and the given limits."""
+    return rerun_finished(run, ["--robustness_gate=True", *limits], "check")
 
 
 def main(argv=None):
@@ -137,8 +155,20 @@ def main(argv=None):
     which.add_argument("--average", type=int, default=1,
                        help="export the average of the k best checkpoints")
     export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    gate = sub.add_parser("check", help="the robustness gate: non-speech clips and loops, "
+                          "against the base model")
+    gate.add_argument("run", help="the run's output folder")
+    gate.add_argument("--max_insertions_rise", type=float, help="fail above this many more "
+                      "words per minute of non-speech than the base model")
+    gate.add_argument("--max_loop_rise", type=float, help="fail above this many more points "
+                      "of test hypotheses in a loop than the base model")
     args = parser.parse_args(argv)
 
+    if args.command == "check":
+        limits = [f"--gate_max_{key}={value}" for key, value in (
+            ("insertions_rise", args.max_insertions_rise), ("loop_rise", args.max_loop_rise))
+            if value is not None]
+        return check(args.run, limits)
     if args.command == "average":
         return evaluate_average(args.run, args.k)
     if args.command == "export":

@@ -1,6 +1,7 @@
 """Average and export a finished recipe run; the export loads offline in a fresh process, through
 SpeechBrain and transformers, and transcribes the test split exactly as the run did."""
 
+import csv
 import json
 import re
 import subprocess
@@ -8,6 +9,8 @@ import sys
 
 import pytest
 from fakes import MICRO_ENCODER, MICRO_WHISPER, REPO, SYNTHETIC, run_recipe, write_subset
+
+from speechtune.text import get_normalizer
 
 CTC = REPO / "recipes" / "Synthetic" / "CTC"
 WHISPER = REPO / "recipes" / "Synthetic" / "Whisper"
@@ -53,8 +56,6 @@ def hypotheses(wer_file):
 
 def split_files(data, language="en"):
     """(ids, audio paths) of the fixture's test split."""
-    import csv
-
     with open(data / language / "test.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return [r["ID"] for r in rows], [r["wav"] for r in rows]
@@ -330,3 +331,36 @@ def test_whisper_base_average_of_two_checkpoints(whisper_base_run):
     logged = (run / "train_log.txt").read_text()
     assert logged.count("test_zero_shot") == 1
 
+
+
+def test_the_gate_fails_a_micro_whisper_that_writes_words_on_noise(whisper_run):
+    """The micro Whisper trained 20 steps writes a frequent word over and over, on noise too;
+    as loaded it wrote nothing: `check` with an insertion limit fails, naming the numbers."""
+    _, run = whisper_run
+    done = subprocess.run([sys.executable, str(TOOLS / "checkpoints.py"), "check", run,
+                           "--max_insertions_rise", "5"], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode != 0
+    assert re.search(r"words per minute of non-speech 0\.0 -> [0-9.]+ \(\+[0-9.]+; "
+                     r"gate_max_insertions_rise=5", done.stdout + done.stderr), done.stderr[-3000:]
+    tested = json.loads((run / "gate.json").read_text())["tested"]
+    assert tested["insertions_per_minute"] > 5 and (run / "gate.md").is_file()
+
+
+def test_the_gate_reports_whisper_base_against_its_fine_tune(whisper_base_run):
+    """`check` on the Danish whisper-base run: both models decode the clips; the run tested
+    zero-shot, so loops are compared on the same test utterances."""
+    _, run, _ = whisper_base_run
+    printed = tool("checkpoints.py", "check", run)
+    assert "| words per minute of non-speech |" in printed
+    numbers = json.loads((run / "gate.json").read_text())
+    base, tested = numbers["base"], numbers["tested"]
+    assert base["hypotheses"] == tested["hypotheses"] == 16  # Danish test + en_heldout
+    assert base["loop_rate"] is not None and tested["loop_rate"] is not None
+    for model, suffix in ((base, "_zero_shot"), (tested, "")):  # counted from the test stage
+        with open(run / f"hyps_gate_nonspeech{suffix}.tsv", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        assert len(rows) == 6 and all(r["reference"] == "" for r in rows)
+        danish = get_normalizer("da")  # the run's scoring normaliser
+        assert model["words"] == {r["ID"].removeprefix("gate_"): len(
+            danish(r["hypothesis"]).split()) for r in rows}

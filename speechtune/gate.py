@@ -1,0 +1,235 @@
+"""The robustness gate: does the fine-tuned model write words where there are none, or loop?
+
+With ``robustness_gate: True`` (or ``tools/checkpoints.py check RUN``) a run decodes, with the
+checkpoint it tests and with the model as loaded (its base):
+
+- non-speech clips made offline (``make_clips``): digital silence, white, pink and brown noise,
+  mains hum with harmonics, and a music-like clip (chords of harmonic tones with note onsets),
+  ``gate_clip_seconds`` each, at the model's sample rate;
+- the test splits (their hypotheses from the test stage's ``hyps_<split>.tsv``; the base
+  model's from ``hyps_<split>_zero_shot.tsv`` when the run tested zero-shot).
+
+It reports words written per minute of non-speech (``insertions_per_minute``: each is an
+insertion, the reference is empty) and the share of test hypotheses caught in a loop
+(``loop_rate``, in %: an n-gram of 1 to 4 words repeated ``LOOP_REPEATS`` times in a row, the
+way a decoder that lost its place repeats itself), for both models, in ``gate.md`` / ``gate.json``
+and the log. The clips of the base model are decoded before training (``gate_base.json``).
+Not measured yet: deletions on long recordings, which needs long-form transcription.
+``gate_max_insertions_rise`` (words per minute) and ``gate_max_loop_rise`` (points)
+turn a regression against the base model into a failure (``GateError``) that names the numbers;
+the test results are written before it. null: report only.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from speechtune import data
+from speechtune.metrics import read_hypotheses
+from speechtune.text import basic_normalize
+
+logger = logging.getLogger(__name__)
+LOOP_REPEATS = 3
+MAX_NGRAM = 4
+SPLIT = "gate_nonspeech"
+
+
+class GateError(RuntimeError):
+    """The fine-tuned model regressed against its base on the robustness gate."""
+
+
+def _pink(rng, n, exponent):
+    """Noise with a 1/f**exponent power spectrum (1: pink, 2: brown), unit RMS."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.maximum(np.fft.rfftfreq(n), 1.0 / n)
+    shaped = np.fft.irfft(spectrum / freqs ** (exponent / 2), n)
+    return shaped / np.sqrt(np.mean(shaped ** 2))
+
+
+def _music(rng, n, rate):
+    """Chords of three harmonic tones (a I-IV-V-I progression), a note every half second with a
+    decaying envelope, over faint noise: tonal, rhythmic, not speech."""
+    t = np.arange(n) / rate
+    roots = [220.0, 293.66, 329.63, 220.0]
+    out = np.zeros(n)
+    note = int(0.5 * rate)
+    for start in range(0, n, note):
+        root = roots[(start // note) % len(roots)]
+        seg = slice(start, min(n, start + note))
+        envelope = np.exp(-3.0 * (t[seg] - t[start]))
+        for ratio in (1.0, 1.25, 1.5):
+            for harmonic in (1, 2, 3):
+                out[seg] += envelope * np.sin(2 * np.pi * root * ratio * harmonic * t[seg]) \
+                    / harmonic
+    out += 0.01 * rng.standard_normal(n)
+    return out / np.max(np.abs(out))
+
+
+def make_clips(folder, sample_rate, seconds, seed=0):
+    """The non-speech clips as 16-bit WAV files in ``folder``: ``{name: path}`` (seeded: the
+    same clips every time)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sample_rate)
+    t = np.arange(n) / sample_rate
+    level = 10 ** (-30 / 20)  # -30 dBFS RMS: a quiet room or a recording's noise floor
+    signals = {
+        "silence": np.zeros(n),
+        "white_noise": level * rng.standard_normal(n),
+        "pink_noise": level * _pink(rng, n, 1.0),
+        "brown_noise": level * _pink(rng, n, 2.0),
+        "hum": 0.1 * sum(np.sin(2 * np.pi * 50 * k * t) / k for k in range(1, 8)),
+        "music": 0.3 * _music(rng, n, sample_rate),
+    }
+    paths = {}
+    for name, signal in signals.items():
+        paths[name] = folder / f"{name}.wav"
+        sf.write(paths[name], np.clip(signal, -1, 1).astype("float32"), sample_rate,
+                 subtype="PCM_16")
+    return paths
+
+
+def has_loop(words, repeats=LOOP_REPEATS, max_n=MAX_NGRAM):
+    """Whether an n-gram of ``1..max_n`` words occurs ``repeats`` times in a row."""
+    for n in range(1, max_n + 1):
+        for start in range(len(words) - n * repeats + 1):
+            gram = words[start:start + n]
+            if all(words[start + k * n:start + (k + 1) * n] == gram for k in range(1, repeats)):
+                return True
+    return False
+
+
+@dataclass
+class GateNumbers:
+    """One model's numbers: words per minute on the non-speech clips, test hypotheses in a
+    loop (None: no test hypotheses of this model, e.g. a base model not tested zero-shot)."""
+
+    insertions_per_minute: float
+    loop_rate: float | None  # % of the test hypotheses
+    words: dict  # clip -> words written
+    looped: list  # IDs of the test hypotheses in a loop
+    hypotheses: int  # test hypotheses checked
+
+
+def numbers(clip_texts, clip_seconds, test_texts):
+    """``GateNumbers`` from the clips' hypotheses (``{clip: text}``) and the test hypotheses
+    (``{id: raw text}``, normalised here with ``basic_normalize``; None: none)."""
+    words = {clip: len(text.split()) for clip, text in clip_texts.items()}
+    minutes = clip_seconds * len(clip_texts) / 60.0
+    looped = [] if test_texts is None else sorted(
+        i for i, text in test_texts.items() if has_loop(basic_normalize(text).split()))
+    rate = None if not test_texts else 100.0 * len(looped) / len(test_texts)
+    return GateNumbers(sum(words.values()) / minutes, rate, words, looped,
+                       len(test_texts or {}))
+
+
+def verdict(base, tuned, max_insertions_rise, max_loop_rise):
+    """The failures of ``tuned`` against ``base`` under the limits (None: not checked)."""
+    failures = []
+    rise = tuned.insertions_per_minute - base.insertions_per_minute
+    if max_insertions_rise is not None and rise > max_insertions_rise:
+        failures.append(f"words per minute of non-speech {base.insertions_per_minute:.1f} -> "
+                        f"{tuned.insertions_per_minute:.1f} (+{rise:.1f}; gate_max_insertions_rise"
+                        f"={max_insertions_rise:g}); per clip {tuned.words}")
+    if max_loop_rise is not None and None not in (base.loop_rate, tuned.loop_rate):
+        rise = tuned.loop_rate - base.loop_rate
+        if rise > max_loop_rise:
+            failures.append(f"test hypotheses in a loop {base.loop_rate:.1f}% -> "
+                            f"{tuned.loop_rate:.1f}% (+{rise:.1f} points; gate_max_loop_rise="
+                            f"{max_loop_rise:g}), e.g. {', '.join(tuned.looped[:3])}")
+    return failures
+
+
+def report(base, tuned, path_stem):
+    """``gate.md`` (a table: base, tested, change) and ``gate.json``; returns the Markdown."""
+    def cell(value, model):
+        if value is None:
+            return "- (no zero-shot test)" if model is base else "-"
+        return f"{value:.1f}" + (f" ({len(model.looped)} of {model.hypotheses})"
+                                 if value is model.loop_rate else "")
+
+    rows = [("words per minute of non-speech", "insertions_per_minute"),
+            ("test hypotheses in a loop (%)", "loop_rate")]
+    lines = ["| gate | base model | tested checkpoint | change |", "|---|---|---|---|"]
+    for name, key in rows:
+        b, t = getattr(base, key), getattr(tuned, key)
+        change = "-" if None in (b, t) else f"{t - b:+.1f}"
+        lines.append(f"| {name} | {cell(b, base)} | {cell(t, tuned)} | {change} |")
+    clips = sorted(set(base.words) | set(tuned.words))
+    lines += ["", "| clip | words (base) | words (tested) |", "|---|---|---|"]
+    lines += [f"| {c} | {base.words.get(c, 0)} | {tuned.words.get(c, 0)} |" for c in clips]
+    text = "\n".join(lines) + "\n"
+    Path(f"{path_stem}.md").write_text(text, encoding="utf-8")
+    Path(f"{path_stem}.json").write_text(json.dumps(
+        {"base": base.__dict__, "tested": tuned.__dict__}, indent=1), encoding="utf-8")
+    return text
+
+
+def decode_clips(experiment, hparams, zero_shot):
+    """Decode the clips with the run's test decoding (``zero_shot``: the model as loaded,
+    else the checkpoint the run tests): ``{clip: normalised hypothesis}``. The clips are made
+    in ``<output_folder>/gate/``; the test stage writes their ``wer_``/``hyps_`` files."""
+    seconds = float(hparams["gate_clip_seconds"])
+    paths = make_clips(Path(hparams["output_folder"]) / "gate", hparams["sample_rate"],
+                       seconds, hparams["seed"])
+    # the reference holds no word (every word written is an insertion); its one word
+    # separator only gives the loss a label to pad: the loss is not used
+    rows = {f"gate_{name}": {"ID": f"gate_{name}", "duration": seconds, "wav": str(path),
+                             "spk_id": "none", "wrd": "", "words": " ", "target": " ",
+                             "utt_language": hparams["language"]}
+            for name, path in paths.items()}
+    dataset = data.make_dataset(rows, sort_by_duration=False)
+    experiment.family.add_pipelines([dataset])
+    brain = experiment.brain
+    brain.evaluate(dataset, split=SPLIT, zero_shot=zero_shot,
+                   test_loader_kwargs={"batch_size": len(rows), "num_workers": 0})
+    return {s["key"].removeprefix("gate_"): " ".join(s["hyp_tokens"])
+            for s in brain.wer_metric.scores}
+
+
+def test_hypotheses(output_folder, splits, suffix=""):
+    """``{split/id: raw hypothesis}`` of the test splits' ``hyps_<split><suffix>.tsv``; None if
+    one is missing (a base model not tested zero-shot)."""
+    found = {}
+    for split in splits:
+        path = Path(output_folder) / f"hyps_{split}{suffix}.tsv"
+        if not path.is_file():
+            return None
+        found.update({f"{split}/{i}": hyp for i, (_, hyp) in read_hypotheses(path)[1].items()})
+    return found
+
+
+def base_numbers(experiment, hparams):
+    """The base model's gate numbers, once, before training (``gate_base.json``: a resumed run
+    holds trained weights by then)."""
+    path = Path(hparams["output_folder"]) / "gate_base.json"
+    if path.is_file():
+        return GateNumbers(**json.loads(path.read_text(encoding="utf-8")))
+    found = numbers(decode_clips(experiment, hparams, zero_shot=True),
+                    float(hparams["gate_clip_seconds"]),
+                    test_hypotheses(hparams["output_folder"], experiment.tests, "_zero_shot"))
+    path.write_text(json.dumps(found.__dict__, indent=1), encoding="utf-8")
+    return found
+
+
+def check(experiment, hparams, base):
+    """The tested checkpoint's gate numbers against ``base``: ``gate.md`` / ``gate.json``, the
+    table in the log; ``GateError`` naming the numbers when a limit is passed."""
+    tuned = numbers(decode_clips(experiment, hparams, zero_shot=False),
+                    float(hparams["gate_clip_seconds"]),
+                    test_hypotheses(hparams["output_folder"], experiment.tests))
+    text = report(base, tuned, Path(hparams["output_folder"]) / "gate")
+    logger.info("robustness gate (gate.md):\n%s", text)
+    failures = verdict(base, tuned, hparams["gate_max_insertions_rise"],
+                       hparams["gate_max_loop_rise"])
+    if failures:
+        raise GateError("The robustness gate failed against the base model:\n  "
+                        + "\n  ".join(failures) + "\nThe test results are written; the "
+                        "table is in gate.md. Fix: fewer steps or a lower LR, retain sets "
+                        "(retain_max_rise, replay_fraction), or raise the gate's limits.")
+    return base, tuned, text

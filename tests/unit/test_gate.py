@@ -1,0 +1,89 @@
+"""The robustness gate: non-speech clips, loop detection, the verdict against the base model, and
+the gate run in-process on a micro model the way train.py runs it."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from fakes import experiment
+
+from speechtune import gate
+from speechtune.corpus_checks import audio_stats
+from speechtune.gate import GateError, has_loop, make_clips, numbers, verdict
+
+
+def test_the_clips_are_seeded_non_speech_of_the_asked_length(tmp_path):
+    paths = make_clips(tmp_path / "a", 16000, 2.0)
+    again = make_clips(tmp_path / "b", 16000, 2.0)
+    assert sorted(paths) == ["brown_noise", "hum", "music", "pink_noise", "silence",
+                             "white_noise"]
+    for name, path in paths.items():
+        samples, rate = sf.read(path)
+        assert rate == 16000 and len(samples) == 32000
+        assert np.array_equal(samples, sf.read(again[name])[0])  # the same every time
+    levels = {name: audio_stats(path) for name, path in paths.items()}
+    assert levels["silence"].level_dbfs == -200.0
+    assert -35 < levels["white_noise"].level_dbfs < -25 and levels["white_noise"].flatness_db > -5
+    assert levels["hum"].flatness_db < -40 and levels["music"].flatness_db < -20
+
+
+@pytest.mark.parametrize("text, looped", [
+    ("the the the", True), ("i am i am i am here", True), ("a b c d a b c d a b c d", True),
+    ("thank you thank you", False), ("the cat sat on the mat", False), ("", False),
+    ("a b c d e a b c d e a b c d e", False),  # a 5-gram is beyond MAX_NGRAM
+])
+def test_a_loop_is_an_ngram_repeated_three_times_in_a_row(text, looped):
+    assert has_loop(text.split()) is looped
+
+
+def numbers_of(words_per_clip, test_texts):
+    return numbers({f"clip{i}": " ".join(["w"] * n) for i, n in enumerate(words_per_clip)},
+                   6.0, test_texts)
+
+
+def test_a_model_that_loops_and_babbles_fails_and_the_base_model_passes():
+    base = numbers_of([0, 0, 1, 0], {"a": "hello there", "b": "good morning"})
+    looping = numbers_of([0, 12, 30, 6], {"a": "hello hello hello hello", "b": "good morning"})
+    assert base.insertions_per_minute == pytest.approx(1 / 0.4)  # 1 word in 4 x 6 s
+    assert looping.loop_rate == 50.0 and looping.looped == ["a"]
+    assert verdict(base, base, 0.0, 0.0) == []  # the base model against itself passes
+    failures = verdict(base, looping, 5.0, 10.0)
+    assert len(failures) == 2
+    assert "words per minute of non-speech 2.5 -> 120.0 (+117.5; gate_max_insertions_rise=5)" \
+        in failures[0]
+    assert "test hypotheses in a loop 0.0% -> 50.0% (+50.0 points; gate_max_loop_rise=10), " \
+           "e.g. a" in failures[1]
+    assert verdict(base, looping, None, None) == []  # no limits: a report only
+
+
+def test_without_base_test_hypotheses_loops_are_reported_not_judged(tmp_path):
+    base = numbers_of([0], None)
+    tuned = numbers_of([0], {"a": "x x x"})
+    assert base.loop_rate is None and verdict(base, tuned, None, 0.0) == []
+    text = gate.report(base, tuned, tmp_path / "gate")
+    assert "| test hypotheses in a loop (%) | - (no zero-shot test) | 100.0 (1 of 1) | - |" \
+        in text
+    assert json.loads((tmp_path / "gate.json").read_text())["tested"]["looped"] == ["a"]
+
+
+def test_the_gate_runs_on_a_micro_model_as_train_py_runs_it(synthetic_subset, tmp_path):
+    out = tmp_path / "run"
+    exp = experiment(synthetic_subset, out, robustness_gate=True, gate_clip_seconds=2.0,
+                     zero_shot=True)
+    hparams = exp.brain.hparams.__dict__
+    exp.zero_shot()
+    base = gate.base_numbers(exp, hparams)
+    assert json.loads((out / "gate_base.json").read_text())["words"] == base.words
+    exp.fit()
+    exp.evaluate()
+    again, tuned, text = gate.check(exp, hparams, base)
+    assert again is base and set(tuned.words) == set(base.words)
+    # the words counted are those the test stage wrote for the clips
+    with open(out / "wer_gate_nonspeech.txt", encoding="utf-8") as f:
+        assert "gate_silence" in f.read()
+    assert tuned.hypotheses == 6 and base.hypotheses == 6  # the test split, both models
+    assert (out / "gate.md").read_text() == text
+    with pytest.raises(GateError, match=r"(?s)robustness gate failed.*gate_max_insertions_rise"
+                                        r"=-1.*test results are written"):
+        gate.check(exp, {**hparams, "gate_max_insertions_rise": -1.0}, base)
