@@ -31,6 +31,7 @@ from speechtune.preflight import (
     apply_event_tags,
     run_preflight,
 )
+from speechtune.prepare.custom import RESERVED
 from speechtune.retain import RetainGuard, base_scores, read_retain_sets, replay_rows
 from speechtune.text import EventTags
 
@@ -215,9 +216,10 @@ class Experiment:
 
 def group_columns(wanted, rows):
     """The manifest columns to score per value at test time (``group_columns`` in the yaml):
-    ``auto`` = every column beyond the contract's, else the listed ones (each must exist)."""
+    ``auto`` = every column beyond the contract's and the keys the recipe computes (a replay
+    row's ``utt_language``, ...), else the listed ones (each must exist)."""
     present = {c for split_rows in rows.values() for r in split_rows.values() for c in r}
-    extra = sorted(present - set(data.REQUIRED_COLUMNS))
+    extra = sorted(present - set(data.REQUIRED_COLUMNS) - RESERVED)
     if wanted == "auto":
         return extra
     missing = [c for c in wanted if c not in present]

@@ -176,6 +176,9 @@ def test_replay_trains_on_retain_language_speech_with_its_own_prefix_and_normali
     assert exp.train[position[danish_id]]["tokens_bos"][1] == danish
     assert all(exp.train.data[i]["target"].startswith("don't ") for i in replay)
     assert all(exp.train.data[i]["utt_language"] == "en" for i in replay)
+    # a computed key, not a group column of the per-group tables
+    columns = {c for split in exp.brain.groups.values() for row in split.values() for c in row}
+    assert columns == {"voice", "gender"}
 
 
 @pytest.mark.parametrize("overrides, message", [
