@@ -12,8 +12,9 @@ checkpoint it tests and with the model as loaded (its base):
 It reports words written per minute of non-speech (``insertions_per_minute``: each is an
 insertion, the reference is empty) and the share of test hypotheses caught in a loop
 (``loop_rate``, in %: an n-gram of 1 to 4 words repeated ``LOOP_REPEATS`` times in a row, the
-way a decoder that lost its place repeats itself), for both models, in ``gate.md`` / ``gate.json``
-and the log. The clips of the base model are decoded before training (``gate_base.json``).
+way a decoder that lost its place repeats itself; the clips in a loop are counted too), for
+both models, in ``gate.md`` / ``gate.json`` and the log. The clips of the base model are
+decoded before training (their hypotheses in ``gate_base.json``).
 Not measured yet: deletions on long recordings, which needs long-form transcription.
 ``gate_max_insertions_rise`` (words per minute) and ``gate_max_loop_rise`` (points)
 turn a regression against the base model into a failure (``GateError``) that names the numbers;
@@ -22,6 +23,7 @@ the test results are written before it. null: report only.
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,6 @@ import soundfile as sf
 
 from speechtune import data
 from speechtune.metrics import read_hypotheses
-from speechtune.text import basic_normalize
 
 logger = logging.getLogger(__name__)
 LOOP_REPEATS = 3
@@ -94,6 +95,12 @@ def make_clips(folder, sample_rate, seconds, seed=0):
     return paths
 
 
+def tokens(text):
+    """The runs of letters and digits of ``text``, lower-cased: "j'j'j'" is three tokens (a
+    normaliser that keeps in-word apostrophes would see one word and no loop)."""
+    return re.findall(r"\w+", text.lower())
+
+
 def has_loop(words, repeats=LOOP_REPEATS, max_n=MAX_NGRAM):
     """Whether an n-gram of ``1..max_n`` words occurs ``repeats`` times in a row."""
     for n in range(1, max_n + 1):
@@ -114,18 +121,20 @@ class GateNumbers:
     words: dict  # clip -> words written
     looped: list  # IDs of the test hypotheses in a loop
     hypotheses: int  # test hypotheses checked
+    clips_looped: list  # the clips whose hypothesis loops
 
 
 def numbers(clip_texts, clip_seconds, test_texts):
     """``GateNumbers`` from the clips' hypotheses (``{clip: text}``) and the test hypotheses
-    (``{id: raw text}``, normalised here with ``basic_normalize``; None: none)."""
+    (``{id: raw text}``; None: none), loops looked for in their ``tokens``."""
     words = {clip: len(text.split()) for clip, text in clip_texts.items()}
     minutes = clip_seconds * len(clip_texts) / 60.0
     looped = [] if test_texts is None else sorted(
-        i for i, text in test_texts.items() if has_loop(basic_normalize(text).split()))
+        i for i, text in test_texts.items() if has_loop(tokens(text)))
     rate = None if not test_texts else 100.0 * len(looped) / len(test_texts)
+    clips_looped = sorted(c for c, text in clip_texts.items() if has_loop(tokens(text)))
     return GateNumbers(sum(words.values()) / minutes, rate, words, looped,
-                       len(test_texts or {}))
+                       len(test_texts or {}), clips_looped)
 
 
 def verdict(base, tuned, max_insertions_rise, max_loop_rise):
@@ -161,8 +170,12 @@ def report(base, tuned, path_stem):
         change = "-" if None in (b, t) else f"{t - b:+.1f}"
         lines.append(f"| {name} | {cell(b, base)} | {cell(t, tuned)} | {change} |")
     clips = sorted(set(base.words) | set(tuned.words))
+    lines.append(f"| non-speech clips in a loop | {len(base.clips_looped)} of {len(base.words)} "
+                 f"| {len(tuned.clips_looped)} of {len(tuned.words)} | "
+                 f"{len(tuned.clips_looped) - len(base.clips_looped):+d} |")
     lines += ["", "| clip | words (base) | words (tested) |", "|---|---|---|"]
-    lines += [f"| {c} | {base.words.get(c, 0)} | {tuned.words.get(c, 0)} |" for c in clips]
+    lines += [f"| {c} | {base.words.get(c, 0)}{' (loop)' * (c in base.clips_looped)} | "
+              f"{tuned.words.get(c, 0)}{' (loop)' * (c in tuned.clips_looped)} |" for c in clips]
     text = "\n".join(lines) + "\n"
     Path(f"{path_stem}.md").write_text(text, encoding="utf-8")
     Path(f"{path_stem}.json").write_text(json.dumps(
@@ -205,16 +218,18 @@ def test_hypotheses(output_folder, splits, suffix=""):
 
 
 def base_numbers(experiment, hparams):
-    """The base model's gate numbers, once, before training (``gate_base.json``: a resumed run
-    holds trained weights by then)."""
+    """The base model's gate numbers. Its clip hypotheses are decoded once, before training,
+    and kept in ``gate_base.json`` (a resumed run holds trained weights by then); its test
+    hypotheses are those of the zero-shot test, if the run made one."""
     path = Path(hparams["output_folder"]) / "gate_base.json"
-    if path.is_file():
-        return GateNumbers(**json.loads(path.read_text(encoding="utf-8")))
-    found = numbers(decode_clips(experiment, hparams, zero_shot=True),
-                    float(hparams["gate_clip_seconds"]),
-                    test_hypotheses(hparams["output_folder"], experiment.tests, "_zero_shot"))
-    path.write_text(json.dumps(found.__dict__, indent=1), encoding="utf-8")
-    return found
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    clips = saved.get("clips")
+    if clips is None:  # none yet, or written in another layout
+        clips = decode_clips(experiment, hparams, zero_shot=True)
+        path.write_text(json.dumps({"clips": clips}, indent=1, ensure_ascii=False),
+                        encoding="utf-8")
+    return numbers(clips, float(hparams["gate_clip_seconds"]),
+                   test_hypotheses(hparams["output_folder"], experiment.tests, "_zero_shot"))
 
 
 def check(experiment, hparams, base):

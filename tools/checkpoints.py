@@ -112,7 +112,7 @@ def rerun_finished(run, options, what):
     print("running:", " ".join(command[1:]), f"(in {info['cwd']})", flush=True)
     done = subprocess.run(command, cwd=info["cwd"], capture_output=True, text=True)
     for line in done.stdout.splitlines():
-        if line.startswith("[speechtune]") or line.startswith("|"):
+        if line.startswith("[speechtune]"):
             print(line)
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-5000:])
@@ -133,7 +133,14 @@ def evaluate_average(run, k):
 def check(run, limits):
     """The robustness gate (``speechtune.gate``) on a finished run: its command with
     ``--robustness_gate=True`` and the given limits."""
-    return rerun_finished(run, ["--robustness_gate=True", *limits], "check")
+    from speechtune.export import read_run
+
+    out = read_run(run)[0]
+    try:
+        return rerun_finished(run, ["--robustness_gate=True", *limits], "check")
+    finally:  # the table, also when the gate failed
+        if (Path(out) / "gate.md").is_file():
+            print((Path(out) / "gate.md").read_text(encoding="utf-8"))
 
 
 def main(argv=None):

@@ -44,16 +44,18 @@ def numbers_of(words_per_clip, test_texts):
 
 def test_a_model_that_loops_and_babbles_fails_and_the_base_model_passes():
     base = numbers_of([0, 0, 1, 0], {"a": "hello there", "b": "good morning"})
-    looping = numbers_of([0, 12, 30, 6], {"a": "hello hello hello hello", "b": "good morning"})
+    looping = numbers_of([0, 12, 30, 6], {"a": "hello hello hello hello", "b": "good morning",
+                                          "c": "j'j'j'j'j'"})  # one "word" to a normaliser
     assert base.insertions_per_minute == pytest.approx(1 / 0.4)  # 1 word in 4 x 6 s
-    assert looping.loop_rate == 50.0 and looping.looped == ["a"]
+    assert looping.loop_rate == pytest.approx(200 / 3) and looping.looped == ["a", "c"]
+    assert looping.clips_looped == ["clip1", "clip2", "clip3"] and base.clips_looped == []
     assert verdict(base, base, 0.0, 0.0) == []  # the base model against itself passes
     failures = verdict(base, looping, 5.0, 10.0)
     assert len(failures) == 2
     assert "words per minute of non-speech 2.5 -> 120.0 (+117.5; gate_max_insertions_rise=5)" \
         in failures[0]
-    assert "test hypotheses in a loop 0.0% -> 50.0% (+50.0 points; gate_max_loop_rise=10), " \
-           "e.g. a" in failures[1]
+    assert "test hypotheses in a loop 0.0% -> 66.7% (+66.7 points; gate_max_loop_rise=10), " \
+           "e.g. a, c" in failures[1]
     assert verdict(base, looping, None, None) == []  # no limits: a report only
 
 
@@ -74,7 +76,9 @@ def test_the_gate_runs_on_a_micro_model_as_train_py_runs_it(synthetic_subset, tm
     hparams = exp.brain.hparams.__dict__
     exp.zero_shot()
     base = gate.base_numbers(exp, hparams)
-    assert json.loads((out / "gate_base.json").read_text())["words"] == base.words
+    clips = json.loads((out / "gate_base.json").read_text())["clips"]
+    assert {clip: len(text.split()) for clip, text in clips.items()} == base.words
+    assert gate.base_numbers(exp, hparams) == base  # from the file: the same numbers
     exp.fit()
     exp.evaluate()
     again, tuned, text = gate.check(exp, hparams, base)
