@@ -180,7 +180,13 @@ def base_scores(brain, guard, output_folder):
     resumed run (its modules then hold trained weights)."""
     path = Path(output_folder) / "retain_base.json"
     if sb.utils.distributed.ddp_broadcast(path.is_file()):
-        return json.loads(path.read_text(encoding="utf-8"))
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if set(saved) != set(guard.loaders):  # the yaml's sets changed since the run began
+            raise ValueError(f"{path} holds the base model's WER on {sorted(saved)}, but the "
+                             f"yaml's retain sets are {sorted(guard.loaders)}: the model as "
+                             "loaded is gone once training started. Use another "
+                             "--output_folder for other retain sets.")
+        return saved
     scores = guard.score(brain)
     if sb.utils.distributed.if_main_process():
         tmp = path.with_suffix(".tmp")

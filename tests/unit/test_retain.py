@@ -13,7 +13,7 @@ from speechbrain.utils.checkpoints import Checkpointer
 
 from speechtune.prepare.synthetic import prepare_synthetic
 from speechtune.recipe import build_experiment, load_yaml
-from speechtune.retain import RetainGuard, select_checkpoint
+from speechtune.retain import RetainGuard, base_scores, select_checkpoint
 
 WHISPER_YAML = REPO / "recipes" / "Synthetic" / "Whisper" / "hparams" / "whisper_tiny.yaml"
 
@@ -35,10 +35,15 @@ def test_retain_scores_equal_a_separate_evaluation_of_the_checkpoint(
     exp = experiment(synthetic_subset, out, number_of_epochs=2,
                      retain={"en": {"manifest": retain_manifest, "language": "en"}})
     brain = exp.brain
+    dataset_loader = brain.retain.loaders["retain_en"]
     before = brain.retain.score(brain)  # the micro model as built
     base_hyps = hypotheses(brain.wer_metric)
     exp.fit()
     assert json.loads((out / "retain_base.json").read_text()) == before == brain.retain.base
+    brain.retain.loaders = {"retain_other": None}  # a rerun with other retain sets
+    with pytest.raises(ValueError, match=r"holds the base model's WER on \['retain_en'\]"):
+        base_scores(brain, brain.retain, out)
+    brain.retain.loaders = {"retain_en": dataset_loader}
     history = brain.hparams.history
     assert [step for step, _ in history.retain] == [step for step, _, _ in history.valid]
     last = history.retain[-1][1]["retain_en"]
