@@ -178,14 +178,16 @@ def run_recipe(recipe_dir, args, cwd=None, timeout=900):
 
 def fake_librispeech(root, per_split=None):
     """<root>/<split>/<spk>/<chapter>/<spk>-<chapter>-<n>.flac + <spk>-<chapter>.trans.txt,
-    made from bundled English audio, transcripts upper-case like the real corpus."""
+    made from bundled English audio, transcripts upper-case like the real corpus; as in the real
+    corpus, no speaker (so no utterance ID) is in two splits: speakers 100-101 in the first
+    split, 200-201 in the second, ..."""
     per_split = per_split or {"train-clean-100": ("train", 24), "dev-clean": ("valid", 6),
                               "test-clean": ("test", 6), "test-other": ("test", 4)}
-    for split, (src, n) in per_split.items():
+    for k, (split, (src, n)) in enumerate(per_split.items()):
         rows = list(csv.DictReader(open(SYNTHETIC / "en" / f"{src}.csv", encoding="utf-8")))[:n]
         by_chapter = {}
         for i, row in enumerate(rows):
-            spk, chapter = str(100 + i % 2), str(7 + i % 2)
+            spk, chapter = str(100 * (k + 1) + i % 2), str(7 + i % 2)
             d = root / split / spk / chapter
             d.mkdir(parents=True, exist_ok=True)
             utt = f"{spk}-{chapter}-{i:04d}"
