@@ -1,5 +1,6 @@
-"""n-gram LM building (ARPA, Kneser-Ney), CTC beam search with the LM, alpha/beta tuning on
-valid, and what happens without the kenlm module."""
+"""n-gram LM building (ARPA, Kneser-Ney), CTC beam search with the LM (both backends), alpha/beta
+tuning on valid, and what happens without the kenlm module. The two backends compared on the
+same log-probs: test_flashlight_decoding.py."""
 
 import json
 import logging
@@ -195,6 +196,13 @@ def log_probs_for(text, vocab, position, wrong):
 @pytest.fixture
 def lm_setup(tmp_path):
     """A vocabulary, an ARPA trigram of LM_TEXT and decoding hparams as the yaml has them."""
+    return make_lm_setup(tmp_path)
+
+
+def make_lm_setup(tmp_path):
+    """``(hparams, tokenizer, utterance)``: the hand-made utterance of TARGET with its "a" heard
+    as "u", the vocabulary of LM_TEXT, and the recipe's decoding hparams with a trigram of
+    LM_TEXT as the LM (alpha 0.5, beta 1)."""
     arpa = tmp_path / "lm.arpa"
     build_lm([t.split() for t in LM_TEXT], 3, [0], arpa)
     tokenizer = build_char_vocab(LM_TEXT, tmp_path / "labels.txt")
@@ -213,24 +221,32 @@ def decode(decoder, utt):
     return decoder(utt.log_probs.unsqueeze(0), torch.ones(1))[0]
 
 
-def test_lm_fixes_what_greedy_and_beam_get_wrong(lm_setup):
+BACKEND_CLASSES = {"speechbrain": lm.SearchDecoder, "flashlight": lm.FlashlightDecoder}
+
+
+@pytest.mark.parametrize("backend", lm.BACKENDS)
+def test_lm_fixes_what_greedy_and_beam_get_wrong(lm_setup, backend):
     hparams, tokenizer, utt = lm_setup
+    hparams["decoder_backend"] = backend
     greedy = lm.GreedyDecoder(tokenizer, 0)
     assert decode(greedy, utt) == ["the", "cut", "sat"]  # acoustically better, wrong
-    beam = lm.SearchDecoder(lm.make_searcher(hparams, tokenizer, "beam"))
+    beam = lm.make_decoder(hparams, tokenizer, "beam")
+    assert type(beam) is BACKEND_CLASSES[backend]
     assert decode(beam, utt) == ["the", "cut", "sat"]
     decoder = lm.build_test_decoder(hparams, tokenizer)
-    assert decoder.searcher.lm is not None
+    assert type(decoder) is BACKEND_CLASSES[backend]
     assert decode(decoder, utt) == ["the", "cat", "sat"]
     wers = [lm_tuning.decode_and_score(d, [utt], hparams["wer_computer"])[0]
             for d in (greedy, decoder)]
     assert wers[1] < wers[0]
 
 
-def test_tuning_writes_its_table_and_test_decoding_reads_it(lm_setup, caplog):
+@pytest.mark.parametrize("backend", lm.BACKENDS)
+def test_tuning_writes_its_table_and_test_decoding_reads_it(lm_setup, caplog, backend):
     hparams, tokenizer, utt = lm_setup
-    searcher = lm.make_searcher(hparams, tokenizer, "beam_lm", 0.0, 0.0)
-    rows = lm_tuning.grid_search(searcher, [utt], [0.0, 0.5, 1.0], [0.0, 1.0],
+    hparams["decoder_backend"] = backend
+    decoder = lm.make_decoder(hparams, tokenizer, "beam_lm")
+    rows = lm_tuning.grid_search(decoder, [utt], [0.0, 0.5, 1.0], [0.0, 1.0],
                                  hparams["wer_computer"])
     assert [(r["alpha"], r["beta"]) for r in rows][:3] == [(0.0, 0.0), (0.0, 1.0), (0.5, 0.0)]
     assert rows[0]["WER"] > 0  # without LM weight the wrong word wins
@@ -238,7 +254,8 @@ def test_tuning_writes_its_table_and_test_decoding_reads_it(lm_setup, caplog):
     assert best["WER"] == 0 and best["alpha"] > 0
     folder = lm.tuned_weights_path(hparams).parent
     lm_tuning.write_tuning(folder, rows, best, {"lm_path": hparams["lm_path"],
-                                                "checkpoint": "CKPT+x", "greedy_WER": 33.3})
+                                                "checkpoint": "CKPT+x", "greedy_WER": 33.3,
+                                                "decoder_backend": backend})
     table = (folder / "grid.md").read_text()
     assert "| alpha \\ beta | 0 | 1 |" in table and "**0.00**" in table
     assert (folder / "grid.csv").read_text().count("\n") == 7
@@ -250,6 +267,15 @@ def test_tuning_writes_its_table_and_test_decoding_reads_it(lm_setup, caplog):
         lm.lm_weights({**hparams, "lm_weights": "tuned", "checkpointer": checkpointer})
     assert "tuned on checkpoint CKPT+x, but the best-WER checkpoint is now CKPT+newer" in (
         caplog.text)
+    assert "decoder_backend" not in caplog.text
+    # weights tuned with the other backend: same units, but each search has its own best point
+    other_backend = next(b for b in lm.BACKENDS if b != backend)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="speechtune.ctc_decoding"):
+        assert lm.lm_weights({**hparams, "lm_weights": "tuned",
+                              "decoder_backend": other_backend}) == (best["alpha"], best["beta"])
+    assert f"tuned with decoder_backend: {backend}, but this run decodes with {other_backend}" \
+        in caplog.text
     other = folder.parent / "other.arpa"
     other.write_text((folder.parent.parent / "lm.arpa").read_text())
     with pytest.raises(ValueError, match="tune_lm.py again"):
@@ -268,6 +294,16 @@ def test_bad_decoding_keys_are_errors_naming_the_fix(lm_setup, tmp_path):
     binary.write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="only.arpa"):
         lm.check_decoding({**hparams, "lm_path": str(binary)})
+    with pytest.raises(ValueError, match="decoder_backend: 'kenlm' is not one of flashlight"):
+        lm.check_decoding({**hparams, "decoder_backend": "kenlm"})
+    options = hparams["flashlight_decoder"]
+    with pytest.raises(ValueError, match=r"flashlight_decoder: \['beam'\] not among its options"):
+        lm.check_decoding({**hparams, "flashlight_decoder": {**options, "beam": 8}})
+    with pytest.raises(ValueError, match=r"\['smearing'\] missing from its options"):
+        lm.check_decoding({**hparams, "flashlight_decoder": {
+            k: v for k, v in options.items() if k != "smearing"}})
+    with pytest.raises(ValueError, match=r"smearing .min. is not one of none \| max \| logadd"):
+        lm.check_decoding({**hparams, "flashlight_decoder": {**options, "smearing": "min"}})
 
 
 def test_an_lm_in_the_other_case_than_the_targets_is_refused(lm_setup, tmp_path):
@@ -282,16 +318,33 @@ def test_an_lm_in_the_other_case_than_the_targets_is_refused(lm_setup, tmp_path)
         "beam_lm"
 
 
-def test_missing_kenlm_is_an_error_or_falls_back_to_beam_as_the_yaml_says(lm_setup, monkeypatch):
+@pytest.mark.parametrize("backend", lm.BACKENDS)
+def test_missing_kenlm_is_an_error_or_falls_back_to_beam_as_the_yaml_says(lm_setup, monkeypatch,
+                                                                          backend):
     hparams, tokenizer, utt = lm_setup
-    monkeypatch.setitem(sys.modules, "kenlm", None)  # `import kenlm` now raises ImportError
+    hparams["decoder_backend"] = backend
+    # `import kenlm` now raises ImportError, and so does SpeechBrain's ARPA reader, which
+    # imports it (the check must come first even when that module was imported before)
+    monkeypatch.setitem(sys.modules, "kenlm", None)
+    monkeypatch.setitem(sys.modules, "speechbrain.integrations.decoders.kenlm_scorer", None)
     with pytest.raises(ImportError, match=r"'kenlm'.*pip install -e '\.\[lm\]'.*--decoding=beam"):
         lm.check_decoding(hparams)
     fallback = {**hparams, "lm_missing": "fallback"}
     assert lm.check_decoding(fallback) == "beam"
     decoder = lm.build_test_decoder(fallback, tokenizer)
-    assert decoder.searcher.lm is None
+    assert type(decoder) is BACKEND_CLASSES[backend]
     assert decode(decoder, utt) == ["the", "cut", "sat"]
+
+
+def test_missing_flashlight_names_the_package_and_the_other_backend(lm_setup, monkeypatch):
+    hparams, _, _ = lm_setup
+    monkeypatch.setitem(sys.modules, "flashlight.lib.text.decoder.kenlm", None)
+    for mode in ("beam", "beam_lm"):
+        with pytest.raises(ImportError, match=r"flashlight-text.*pip install -e '\.\[lm\]'.*"
+                                              r"--decoder_backend=speechbrain"):
+            lm.check_decoding({**hparams, "decoding": mode, "decoder_backend": "flashlight"})
+    assert lm.check_decoding({**hparams, "decoder_backend": "speechbrain"}) == "beam_lm"
+    assert lm.check_decoding({**hparams, "decoding": "greedy"}) == "greedy"
 
 
 # ---------------------------------------------------------------------- through the recipe
@@ -300,7 +353,7 @@ def test_recipe_tests_with_beam_lm_and_tune_lm_tunes_from_the_best_checkpoint(
     arpa = tmp_path / "lm.arpa"
     build_lm(read_sentences([synthetic_subset / "en" / "train.csv"], "en"), 3, [0], arpa)
     out = tmp_path / "run"
-    small = {"lm_alpha_grid": [0.0, 0.5], "lm_beta_grid": [0.0], "ctc_searcher": {
+    small = {"lm_alpha_grid": [0.0, 0.5], "lm_beta_grid": [0.0], "flashlight_decoder": {
         "beam_size": 8}, "lm_path": str(arpa)}
     exp = experiment(synthetic_subset, out, **small)
     exp.fit()
@@ -315,9 +368,10 @@ def test_recipe_tests_with_beam_lm_and_tune_lm_tunes_from_the_best_checkpoint(
     assert tuned["checkpoint"] == best_ckpt.path.name
     table = (out / "lm_tuning" / "grid.md").read_text()
     assert "\n| 0 | " in table and "\n| 0.5 | " in table  # one row per alpha
+    assert tuned["decoder_backend"] == "flashlight"  # the yaml's default
     again = experiment(synthetic_subset, out, decoding="beam_lm", **small)
     stats = again.evaluate()["test"]
-    searcher = again.brain.test_decoder.searcher
-    assert searcher.lm is not None and (searcher.lm.alpha, searcher.lm.beta) == (
-        best["alpha"], best["beta"])
+    decoder = again.brain.test_decoder
+    assert type(decoder) is lm.FlashlightDecoder and decoder.lm is not None
+    assert (decoder.alpha, decoder.beta) == (best["alpha"], best["beta"])
     assert stats["WER"] is not None and (out / "wer_test.txt").exists()

@@ -5,9 +5,11 @@
         --lm_path=/path/to/lm.arpa
 
 Give the same yaml and overrides as the training run; it loads the best-WER checkpoint, computes
-the valid log-probs once, decodes them for every lm_alpha_grid x lm_beta_grid point and writes
-<output_folder>/lm_tuning/ (grid.md, grid.csv, lm_weights.yaml). Then test with the tuned
-weights: python train.py <same yaml and overrides> --decoding=beam_lm --lm_path=<same LM>.
+the valid log-probs once, decodes them for every lm_alpha_grid x lm_beta_grid point with the
+decoder_backend's beam search (the points shared among num_workers processes: --num_workers=2
+on two cores) and writes <output_folder>/lm_tuning/ (grid.md, grid.csv, lm_weights.yaml).
+Then test with the tuned weights:
+    python train.py <same yaml and overrides> --decoding=beam_lm --lm_path=<same LM>.
 Build the LM with the recipe's case: local/build_lm.py ... --case upper for
 wav2vec2_large_960h_en.yaml (target_case: upper).
 """
