@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from speechbrain.utils.distributed import run_on_main
 
 from speechtune import data
 from speechtune.metrics import read_hypotheses
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 LOOP_REPEATS = 3
 MAX_NGRAM = 4
 SPLIT = "gate_nonspeech"
+CLIPS = ("silence", "white_noise", "pink_noise", "brown_noise", "hum", "music")
 
 
 class GateError(RuntimeError):
@@ -88,9 +90,9 @@ def make_clips(folder, sample_rate, seconds, seed=0):
         "music": 0.3 * _music(rng, n, sample_rate),
     }
     paths = {}
-    for name, signal in signals.items():
+    for name in CLIPS:
         paths[name] = folder / f"{name}.wav"
-        sf.write(paths[name], np.clip(signal, -1, 1).astype("float32"), sample_rate,
+        sf.write(paths[name], np.clip(signals[name], -1, 1).astype("float32"), sample_rate,
                  subtype="PCM_16")
     return paths
 
@@ -188,8 +190,10 @@ def decode_clips(experiment, hparams, zero_shot):
     else the checkpoint the run tests): ``{clip: normalised hypothesis}``. The clips are made
     in ``<output_folder>/gate/``; the test stage writes their ``wer_``/``hyps_`` files."""
     seconds = float(hparams["gate_clip_seconds"])
-    paths = make_clips(Path(hparams["output_folder"]) / "gate", hparams["sample_rate"],
-                       seconds, hparams["seed"])
+    folder = Path(hparams["output_folder"]) / "gate"
+    # written once (the main process under DDP), then read by every process
+    run_on_main(make_clips, args=[folder, hparams["sample_rate"], seconds, hparams["seed"]])
+    paths = {name: folder / f"{name}.wav" for name in CLIPS}
     # the reference holds no word (every word written is an insertion); its one word
     # separator only gives the loss a label to pad: the loss is not used
     rows = {f"gate_{name}": {"ID": f"gate_{name}", "duration": seconds, "wav": str(path),
