@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from speechtune import data
 from speechtune.metrics import read_hypotheses
@@ -157,7 +157,8 @@ def verdict(base, tuned, max_insertions_rise, max_loop_rise):
 
 
 def report(base, tuned, path_stem):
-    """``gate.md`` (a table: base, tested, change) and ``gate.json``; returns the Markdown."""
+    """``gate.md`` (a table: base, tested, change) and ``gate.json``, written by the main
+    process; returns the Markdown."""
     def cell(value, model):
         if value is None:
             return "- (no zero-shot test)" if model is base else "-"
@@ -179,9 +180,10 @@ def report(base, tuned, path_stem):
     lines += [f"| {c} | {base.words.get(c, 0)}{' (loop)' * (c in base.clips_looped)} | "
               f"{tuned.words.get(c, 0)}{' (loop)' * (c in tuned.clips_looped)} |" for c in clips]
     text = "\n".join(lines) + "\n"
-    Path(f"{path_stem}.md").write_text(text, encoding="utf-8")
-    Path(f"{path_stem}.json").write_text(json.dumps(
-        {"base": base.__dict__, "tested": tuned.__dict__}, indent=1), encoding="utf-8")
+    if if_main_process():
+        Path(f"{path_stem}.md").write_text(text, encoding="utf-8")
+        Path(f"{path_stem}.json").write_text(json.dumps(
+            {"base": base.__dict__, "tested": tuned.__dict__}, indent=1), encoding="utf-8")
     return text
 
 
@@ -230,8 +232,9 @@ def base_numbers(experiment, hparams):
     clips = saved.get("clips")
     if clips is None:  # none yet, or written in another layout
         clips = decode_clips(experiment, hparams, zero_shot=True)
-        path.write_text(json.dumps({"clips": clips}, indent=1, ensure_ascii=False),
-                        encoding="utf-8")
+        if if_main_process():  # under DDP every process decoded the same clips
+            path.write_text(json.dumps({"clips": clips}, indent=1, ensure_ascii=False),
+                            encoding="utf-8")
     return numbers(clips, float(hparams["gate_clip_seconds"]),
                    test_hypotheses(hparams["output_folder"], experiment.tests, "_zero_shot"))
 

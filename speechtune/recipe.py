@@ -216,8 +216,8 @@ class Experiment:
 
 def group_columns(wanted, rows):
     """The manifest columns to score per value at test time (``group_columns`` in the yaml):
-    ``auto`` = every column beyond the contract's and the keys the recipe computes (a replay
-    row's ``utt_language``, ...), else the listed ones (each must exist)."""
+    ``auto`` = every column beyond the contract's except the keys the recipe computes (a
+    replay row's ``utt_language``, ...), else the listed ones (each must exist)."""
     present = {c for split_rows in rows.values() for r in split_rows.values() for c in r}
     extra = sorted(present - set(data.REQUIRED_COLUMNS) - RESERVED)
     if wanted == "auto":
