@@ -76,11 +76,11 @@ def replay_rows(hparams, train):
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"replay_fraction={fraction}: a share of the training utterances, "
                          "at least 0 and below 1")
+    if not fraction:
+        return {}
     pool = [row | {"utt_language": str(spec["language"])} for spec in sets.values()
             if spec.get("replay") for row in
             data.read_manifest(spec["replay"], hparams["data_folder"]).values()]
-    if not fraction:
-        return {}
     if not pool:
         raise ValueError(f"replay_fraction={fraction}, but no retain set names a replay "
                          "manifest: add replay: <CSV> to one (speech in its language that is "
