@@ -89,8 +89,8 @@ FIXES = {
                     "to the row; for a quiet corpus lower preflight_min_level_dbfs",
     "clipped_audio": "heavily clipped audio: re-record or drop it; if the whole corpus is "
                      "clipped like this, raise preflight_max_clipped",
-    "tonal_audio": "a constant tone or DC signal, not speech: check that the file belongs to the "
-                   "row; lower preflight_min_flatness_db to keep such files",
+    "tonal_audio": "a constant tone, not speech: check that the file belongs to the row; lower "
+                   "preflight_min_flatness_db to keep such files",
 }
 # reported in the log and the report, never fatal, never dropped
 WARNINGS = {
