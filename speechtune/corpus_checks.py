@@ -183,26 +183,27 @@ def leakage(splits, content=None):
     utterance named (train before valid before test): ``shared_id``, ``shared_audio`` (the
     same file once resolved), ``same_audio`` (the same samples in another file).
     """
+    resolved = {row["wav"]: os.path.realpath(row["wav"])  # once per file, for every pair
+                for rows in splits.values() for row in rows}
     found = []
     for first, second in leakage_pairs(splits):
         ids = {r["ID"] for r in splits[second]}
         paths, hashes = defaultdict(list), defaultdict(list)
         for row in splits[second]:
-            paths[os.path.realpath(row["wav"])].append(row["ID"])
+            paths[resolved[row["wav"]]].append(row["ID"])
             if content and row["wav"] in content:
                 hashes[content[row["wav"]]].append(row["ID"])
         for row in splits[first]:
-            where = f"{second}/"
             if row["ID"] in ids:
                 found.append((first, row["ID"], "shared_id", f"also an ID in {second}"))
-            elif os.path.realpath(row["wav"]) in paths:
-                other = paths[os.path.realpath(row["wav"])][0]
+            elif resolved[row["wav"]] in paths:
+                other = paths[resolved[row["wav"]]][0]
                 found.append((first, row["ID"], "shared_audio",
-                              f"the same file as {where}{other}: {row['wav']}"))
+                              f"the same file as {second}/{other}: {row['wav']}"))
             elif content and content.get(row["wav"]) in hashes:
                 other = hashes[content[row["wav"]]][0]
                 found.append((first, row["ID"], "same_audio",
-                              f"the same samples as {where}{other}"))
+                              f"the same samples as {second}/{other}"))
     return found
 
 

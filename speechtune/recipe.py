@@ -19,7 +19,7 @@ from pathlib import Path
 import ruamel.yaml
 import speechbrain as sb
 from hyperpyyaml import load_hyperpyyaml, resolve_references
-from speechbrain.utils.distributed import ddp_broadcast, run_on_main
+from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
 from speechtune import data, families, gate
 from speechtune.brain import FineTuneBrain
@@ -281,8 +281,10 @@ def build_experiment(hparams, run_opts, prepare, family=None):
                       "cache_path": hparams["preflight_audio_cache"] or cache_path(
                           manifests.train, hparams["output_folder"]),
                       "workers": hparams["num_workers"]}
-            run_on_main(collect_stats, kwargs=kwargs)
-            stats = collect_stats(**kwargs)  # every process: read from the cache
+            stats = collect_stats(**kwargs) if if_main_process() else None
+            ddp_barrier()
+            if stats is None:  # the other processes: read from the cache
+                stats = collect_stats(**kwargs)
         return run_preflight(
             splits, chars, label_check, mode=hparams["preflight"],
             max_oov_rate=hparams["preflight_max_oov_rate"],
