@@ -258,7 +258,7 @@ class FineTuneBrain(BrainCompat):
         self._last_update = step = self.optimizer_step
         self._step_schedulers()
         if step % self.hparams.log_every_steps == 0:
-            self.hparams.history.add_train(step, float(loss.detach()))
+            self.hparams.history.add_train(step, float(loss.detach()), self.current_lrs())
         every = self.hparams.valid_every_steps
         if every and step % every == 0 and self.valid_loader is not None:
             self._validate(end_of_epoch=False)

@@ -69,7 +69,7 @@ def test_rerunning_the_command_resumes_from_the_latest_checkpoint(tmp_path):
     out = tmp_path / "results"
     args = ["hparams/wavlm_tiny.yaml", f"--data_folder={data}", f"--output_folder={out}",
             f"--tiny_config={json.dumps(MICRO_ENCODER)}", "--max_batch_seconds=12",
-            "--device=cpu"]
+            "--device=cpu", "--tensorboard=True", "--log_every_steps=1"]
     run_recipe(RECIPE, [*args, "--number_of_epochs=1"])
     proc = run_recipe(RECIPE, [*args, "--number_of_epochs=2"])
     log = (out / "train_log.txt").read_text()
@@ -79,6 +79,19 @@ def test_rerunning_the_command_resumes_from_the_latest_checkpoint(tmp_path):
     steps = [int(s) for s in re.findall(r"^epoch: \d+, step: (\d+)", log, re.M)]
     assert steps[1] > steps[0]  # the optimizer-step count carried over
     assert "Loading a checkpoint" in proc.stdout + proc.stderr
+
+    # TensorBoard: one curve across both processes, against the optimizer step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    train = [e.step for e in board.Scalars("train/loss")]
+    assert train == list(range(1, steps[1] + 1))  # every step once, none drawn twice
+    assert [e.step for e in board.Scalars("valid/WER")] == steps
+    wers = [float(w) for w in re.findall(r"valid WER: ([\d.e+-]+)", log)]
+    assert [e.value for e in board.Scalars("valid/WER")] == pytest.approx(wers)
+    assert {"lr/encoder", "lr/head", "train/seconds_per_step", "valid/CER"} <= \
+        set(board.Tags()["scalars"])
 
 
 WHISPER_RECIPE = REPO / "recipes" / "Synthetic" / "Whisper"
