@@ -6,8 +6,11 @@ and ``vocabulary.json``. ``convert_ct2_whisper`` writes what ``openai/whisper-*`
 hub: ``WhisperForConditionalGeneration`` weights in float32 (lossless from float16), its config,
 the generation config (language and task ids, no-timestamps id, suppressed and begin-suppressed
 tokens, alignment heads), the tokenizer with ``<|endoftext|>`` as pad, bos, eos and unk, and the
-feature extractor. Quantised models (int8, int16 weights) are refused: their weights cannot be
-restored exactly.
+feature extractor: the folder's ``preprocessor_config.json`` if it has one (faster-whisper's file;
+it holds the encoder window of a model whose position table is cut, as ``speechtune.ct2_export``
+writes them), else Whisper's 30 s one. Quantised models (int8, int16 weights) are refused: their
+weights cannot be restored exactly. The writer side is CTranslate2's own ``TransformersConverter``
+(``speechtune.ct2_export``).
 
 ``model.bin`` layout (CTranslate2's format version 6, little-endian): ``<u32 version>``
 ``<str spec name>`` ``<u32 spec revision>`` ``<u32 n>``, then per variable ``<str name>``
@@ -29,6 +32,10 @@ import torch
 # CTranslate2's DataType enum
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 FLOAT_DTYPES = (np.float32, np.float16)
+#: the files of a CTranslate2 Whisper folder this reads (vocabulary.json: the same tokens)
+REQUIRED_FILES = ("model.bin", "config.json", "tokenizer.json")
+#: the feature extractor's file, which faster-whisper reads too (the encoder window)
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 class CT2FormatError(ValueError):
@@ -208,17 +215,40 @@ def _tokenizer(tokenizer_file):
                                 eos_token=eot, unk_token=eot, pad_token=eot)
 
 
+def check_window(extractor, config, where):
+    """A ``WhisperFeatureExtractor`` must pad to the frames the encoder's position table covers
+    (CTranslate2 refuses longer features and gives shorter ones fewer positions than in
+    training); ``where`` names the folder in the error."""
+    if extractor.nb_max_frames != 2 * config.max_source_positions:  # conv2 halves the frames
+        raise CT2FormatError(
+            f"{where}: the feature extractor pads to {extractor.nb_max_frames} mel frames "
+            f"({extractor.chunk_length} s) but the encoder has {config.max_source_positions} "
+            f"positions (one per 2 frames): write the model's window into its "
+            f"{PREPROCESSOR_FILE} (chunk_length, n_samples, nb_max_frames)")
+
+
+def _feature_extractor(source, config):
+    """The folder's feature extractor (its window), else Whisper's own 30 s one."""
+    from transformers import WhisperFeatureExtractor
+
+    if not (source / PREPROCESSOR_FILE).is_file():
+        extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+    else:
+        extractor = WhisperFeatureExtractor.from_pretrained(source)
+    check_window(extractor, config, source)
+    return extractor
+
+
 def convert_ct2_whisper(source, target):
     """Convert the CTranslate2 Whisper folder ``source`` into a transformers folder ``target``.
 
     ``target`` is written atomically (a temporary folder beside it, renamed when complete); an
     existing ``target`` is replaced. Returns ``target`` as a string.
     """
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+    from transformers import WhisperForConditionalGeneration
 
     source, target = Path(source), Path(target)
-    missing = [n for n in ("model.bin", "config.json", "tokenizer.json")
-               if not (source / n).is_file()]
+    missing = [n for n in REQUIRED_FILES if not (source / n).is_file()]
     if missing:
         raise CT2FormatError(f"{source} is not a CTranslate2 Whisper folder: no "
                              f"{', '.join(missing)}")
@@ -240,12 +270,13 @@ def convert_ct2_whisper(source, target):
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.generation_config = generation
+    extractor = _feature_extractor(source, config)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         _tokenizer(source / "tokenizer.json").save_pretrained(tmp)
-        WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(tmp)
+        extractor.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

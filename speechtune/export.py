@@ -22,6 +22,11 @@ What is exported is the best-WER checkpoint, a chosen one, or the average of the
 best (SpeechBrain's ``average_checkpoints``). The run's own ``run.json`` and ``save/model_files``
 (written by ``speechtune.recipe`` at training start) supply the model's config and inference
 settings, so neither the recipe's yaml nor the hub is needed.
+
+Other formats (``FORMATS``; docs/export.md): ``ct2`` converts a Whisper run's transformers files
+into a CTranslate2 / faster-whisper folder (``speechtune.ct2_export``), ``onnx`` a CTC run's into
+an onnxruntime model (``speechtune.onnx_export``). The transformers files are written to a
+temporary folder first; ``out`` holds the format's files, the card and the marker file.
 """
 
 import atexit
@@ -30,14 +35,36 @@ import re
 import shlex
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from speechbrain.inference import ASR
 from speechbrain.utils.checkpoints import Checkpointer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CTC_MAPPING_NAMES
 
-from speechtune import families
+from speechtune import ct2_export, families, onnx_export
 from speechtune.model_card import model_card
+
+
+@dataclass(frozen=True)
+class Format:
+    """An export format: the runs it takes (by their SpeechBrain inference class) and the
+    transformers model classes it converts."""
+
+    runs: str  # what it takes, for messages
+    inference_class: str | None  # None: any run
+    model_classes: tuple | None  # None: the SpeechBrain + transformers folder itself
+
+
+FORMATS = {
+    "speechbrain": Format("any run", None, None),
+    "ct2": Format("Whisper encoder-decoder runs (SpeechBrain WhisperASR)", "WhisperASR",
+                  ("WhisperForConditionalGeneration",)),
+    "onnx": Format("CTC runs (SpeechBrain EncoderASR) with a transformers *ForCTC class "
+                   "(WavLM, wav2vec2, HuBERT)", "EncoderASR",
+                   tuple(MODEL_FOR_CTC_MAPPING_NAMES.values())),
+}
 
 
 # ---------------------------------------------------------------------------- the run
@@ -76,9 +103,50 @@ def select_checkpoints(save, checkpoint=None, average=1):
 
 
 # ---------------------------------------------------------------------------- entry points
-def export(run, out, checkpoint=None, average=1, force=False):
-    """Export ``run`` (its output folder) to ``out``; returns a summary dict for the card."""
+def check_format(fmt, family, quantization):
+    """Stop on a format the run's family cannot take, or a quantization it has no use for."""
+    if fmt not in FORMATS:
+        raise SystemExit(f"--format {fmt}: the formats are {', '.join(FORMATS)}")
+    wanted = FORMATS[fmt].inference_class
+    if wanted is not None and family.inference_class != wanted:
+        others = [f for f, spec in FORMATS.items() if spec.inference_class in (
+            None, family.inference_class) and f != "speechbrain"]
+        raise SystemExit(f"--format {fmt} is for {FORMATS[fmt].runs}; this is a "
+                         f"{family.name} run ({family.inference_class}): use --format "
+                         f"{' or '.join(others + ['speechbrain'])}")
+    if quantization is not None and fmt != "ct2":
+        raise SystemExit(f"--quantization is for --format ct2 (CTranslate2 weight types), not "
+                         f"--format {fmt}")
+    if fmt == "ct2":
+        ct2_export.require_ctranslate2()
+        ct2_export.check_quantization(quantization or "float16")
+    if fmt == "onnx":
+        onnx_export.require_onnxruntime()
+
+
+def convert(fmt, model_class, hf_folder, out, info, quantization):
+    """Write ``fmt``'s files of the transformers folder ``hf_folder`` into ``out``; returns
+    the marker file's notes on them."""
+    if model_class not in FORMATS[fmt].model_classes:
+        what = model_class or "for SpeechBrain only (transformers has no class for it)"
+        raise SystemExit(f"--format {fmt} converts transformers "
+                         f"{', '.join(FORMATS[fmt].model_classes[:3])}, ... models; this run's "
+                         f"model is {what}: export it without --format")
+    if fmt == "ct2":
+        quantization = quantization or "float16"
+        window = ct2_export.export_ct2(hf_folder, out, quantization)
+        return {"quantization": quantization, "window_seconds": window}
+    diff = onnx_export.export_onnx(hf_folder, out, info["sample_rate"])
+    return {"checked_max_abs_diff": diff}
+
+
+def export(run, out, checkpoint=None, average=1, force=False, fmt="speechbrain",
+           quantization=None):
+    """Export ``run`` (its output folder) to ``out`` in format ``fmt`` (``FORMATS``); returns a
+    summary dict for the card."""
     run_folder, save, info = read_run(run)
+    family = families.get(info["family"])
+    check_format(fmt, family, quantization)
     ckpts = select_checkpoints(save, checkpoint, average)
     out = Path(out)
     if out.exists():
@@ -89,9 +157,19 @@ def export(run, out, checkpoint=None, average=1, force=False):
                              "--force replaces only those; choose another folder")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    family = families.get(info["family"])
-    model_class = family.export(save, ckpts, info, out)
-    summary = {"run": str(run_folder.resolve()), "family": info["family"],
+    notes = {}
+    if fmt == "speechbrain":
+        model_class = family.export(save, ckpts, info, out)
+    else:
+        try:
+            with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as hf:
+                model_class = family.export(save, ckpts, info, Path(hf))
+                notes = convert(fmt, model_class, Path(hf), out, info, quantization)
+        except BaseException:  # no half-written folder that --force would not replace
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+    summary = {"run": str(run_folder.resolve()), "family": info["family"], "format": fmt,
+               **notes,
                "model_class": model_class, "processor_class": family.processor_class,
                "inference_class": family.inference_class, "language": info["language"],
                "sample_rate": info["sample_rate"],
@@ -104,8 +182,49 @@ def export(run, out, checkpoint=None, average=1, force=False):
                "test": _test_results(run_folder, ckpts),
                "exported": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
     (out / "speechtune_export.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
-    (out / "README.md").write_text(model_card(summary, out), encoding="utf-8")
+    card = model_card(summary, out)
+    if fmt != "speechbrain":  # the provenance and results; the use section is the format's
+        card = card.split("\n## Use\n")[0] + "\n" + format_use(summary, out)
+    (out / "README.md").write_text(card, encoding="utf-8")
     return summary
+
+
+def format_use(summary, out):
+    """The card's use section of a ct2 / onnx folder."""
+    name = Path(out).name
+    if summary["format"] == "ct2":
+        return f"""## Use (CTranslate2 / faster-whisper, {summary['quantization']} weights)
+
+The encoder's window is {summary['window_seconds']:g} s (`preprocessor_config.json`): audio is
+padded to it, as in training; longer audio is cut into windows by faster-whisper.
+
+```python
+from faster_whisper import WhisperModel
+model = WhisperModel("{name}", device="cpu", compute_type="default")
+segments, _ = model.transcribe("utt.wav", language="{summary['language']}", beam_size=1,
+                               without_timestamps=True)
+print(" ".join(s.text for s in segments))
+```
+
+Without faster-whisper: `speechtune.ct2_export.greedy_transcripts` (ctranslate2 and
+transformers' feature extractor). See docs/export.md in the speechtune repository.
+"""
+    return f"""## Use (onnxruntime)
+
+`model.onnx` takes mono audio at {summary['sample_rate']} Hz, zero-padded into a batch, and each
+row's length in samples, and returns CTC log-probabilities and each row's valid frames
+(`onnx.json`; per-utterance normalisation is inside the model). Greedy decoding:
+
+```python
+import numpy as np, onnxruntime, soundfile
+from transformers import Wav2Vec2CTCTokenizer
+session = onnxruntime.InferenceSession("{name}/model.onnx")
+audio, rate = soundfile.read("utt.wav", dtype="float32")
+log_probs, frames = session.run(None, {{"audio": audio[None], "lengths": np.array([len(audio)])}})
+tokenizer = Wav2Vec2CTCTokenizer.from_pretrained("{name}")
+print(tokenizer.decode(log_probs[0, :frames[0]].argmax(-1).tolist()))
+```
+"""
 
 
 def _test_results(run_folder, ckpts):
@@ -139,7 +258,11 @@ def load_asr(folder, savedir=None, device="cpu"):
     if not marker.is_file():
         raise SystemExit(f"{folder} is not a speechtune export (no speechtune_export.json): "
                          "write one with python tools/checkpoints.py export RUN FOLDER")
-    family = families.get(json.loads(marker.read_text())["family"])
+    exported = json.loads(marker.read_text())
+    if exported.get("format", "speechbrain") != "speechbrain":
+        raise SystemExit(f"{folder} is a --format {exported['format']} export, which SpeechBrain "
+                         "does not load: see its README.md (or export the run without --format)")
+    family = families.get(exported["family"])
     if savedir is None:
         savedir = tempfile.mkdtemp(prefix="speechtune_load_")
         atexit.register(shutil.rmtree, savedir, ignore_errors=True)

@@ -5,6 +5,8 @@
     python tools/checkpoints.py best $RUN
     python tools/checkpoints.py average $RUN -k 3          # score the average on valid and test
     python tools/checkpoints.py export $RUN exported/ [--average 3 | --checkpoint CKPT+...]
+    python tools/checkpoints.py export $RUN exported_ct2/ --format ct2 [--quantization int8]
+    python tools/checkpoints.py export $RUN exported_onnx/ --format onnx
     python tools/checkpoints.py check $RUN [--max_insertions_rise 5 --max_loop_rise 2]
 
 ``RUN`` is a run's output folder (its checkpoints are in ``RUN/save``) or the save folder itself.
@@ -23,7 +25,9 @@ checkpoint (``wer_<split>.txt`` and ``train_log.txt`` then hold the average's re
 (``--max_insertions_rise`` / ``--max_loop_rise`` make a regression fail).
 ``export`` writes a self-contained folder that loads offline with SpeechBrain's ``EncoderASR`` /
 ``WhisperASR`` and with transformers' ``from_pretrained`` (``speechtune.export``), with a README
-card; ``tools/transcribe.py`` decodes audio with it.
+card; ``tools/transcribe.py`` decodes audio with it. ``--format ct2`` (Whisper runs) writes a
+CTranslate2 / faster-whisper folder instead, ``--format onnx`` (CTC runs) an onnxruntime model
+(both need ``pip install -e ".[export]"``; docs/export.md).
 """
 
 import argparse
@@ -162,6 +166,11 @@ def main(argv=None):
     which.add_argument("--average", type=int, default=1,
                        help="export the average of the k best checkpoints")
     export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    export.add_argument("--format", default="speechbrain",
+                        help="speechbrain (default: SpeechBrain + transformers files), ct2 "
+                        "(CTranslate2 / faster-whisper; Whisper runs) or onnx (CTC runs)")
+    export.add_argument("--quantization", help="--format ct2: CTranslate2's weight type, "
+                        "e.g. float16 (default), int8, float32")
     gate = sub.add_parser("check", help="the robustness gate: non-speech clips and loops, "
                           "against the base model")
     gate.add_argument("run", help="the run's output folder")
@@ -181,10 +190,14 @@ def main(argv=None):
     if args.command == "export":
         from speechtune.export import export as export_run
 
-        summary = export_run(args.run, args.out, args.checkpoint, args.average, args.force)
+        summary = export_run(args.run, args.out, args.checkpoint, args.average, args.force,
+                             args.format, args.quantization)
         names = ", ".join(c["name"] for c in summary["checkpoints"])
         what = summary["model_class"] or ("for SpeechBrain's EncoderASR only (transformers has "
                                           "no CTC class for this encoder)")
+        if args.format != "speechbrain":
+            what = f"{what} as {args.format}" + (
+                f" ({summary['quantization']})" if "quantization" in summary else "")
         print(f"exported {what} from {names} to {args.out} (card: {args.out}/README.md)")
         return 0
 
