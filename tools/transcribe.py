@@ -4,13 +4,21 @@
     python tools/transcribe.py EXPORT_FOLDER audio/ --out hyps.jsonl  # a folder, as JSON lines
     python tools/transcribe.py EXPORT_FOLDER list.txt --device cuda --batch_size 32
 
+    python tools/transcribe.py EXPORT_FOLDER talk.flac --out talk.jsonl --timestamps
+
 Inputs are audio files, folders (searched recursively for .wav .flac .mp3 .ogg .opus .m4a) or
 text files listing one audio path per line. Audio is read with soundfile, mixed to mono and
-resampled to the model's rate. Files are decoded in batches of ``--batch_size`` in order of
-duration (little padding), as the recipes batch their valid and test sets, through the folder's
-SpeechBrain interface (``EncoderASR`` greedy CTC, or ``WhisperASR`` with the run's beam search).
-The output keeps the input order. A file that cannot be read is reported by name and skipped;
-the exit status is then 1.
+resampled to the model's rate, and decoded through the folder's SpeechBrain interface
+(``EncoderASR`` greedy CTC, or ``WhisperASR`` with the run's search). Files no longer than the
+model's window (Whisper: the export's own, e.g. 30 s or a recipe's 8 s; CTC: 30 s, or the
+Whisper encoder's window) are decoded in batches of ``--batch_size`` in order of duration (little
+padding), as the recipes batch their valid and test sets. A longer file of any length is read
+whole and decoded in pieces, ``--batch_size`` at a time (``speechtune.longform``;
+docs/longform.md): Whisper in chunks of at most the window cut at the quietest point near its
+end, CTC in overlapping windows whose middle frames are merged before the greedy collapse.
+``--timestamps`` adds each file's segments (``{"start", "end", "text"}``, seconds; one per chunk
+or window, one for a short file) to the JSON lines. The output keeps the input order. A file
+that cannot be read is reported by name and skipped; the exit status is then 1.
 """
 
 import argparse
@@ -19,7 +27,9 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+from speechtune import longform
+from speechtune.export import load_asr
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a"}
 
@@ -43,44 +53,6 @@ def collect(inputs):
     return found
 
 
-def transcribe(asr, paths, sample_rate, batch_size, progress=True):
-    """``({path: text}, {path: error})``: batches of similar duration through ``asr``. Durations
-    come from the file headers; audio is read one batch at a time (a folder of hours of audio
-    never sits in memory at once)."""
-    import soundfile as sf
-
-    from speechtune.data import load_audio
-
-    seconds, failed = {}, {}
-    for path in paths:
-        try:
-            info = sf.info(str(path))
-            seconds[path] = info.frames / info.samplerate
-        except Exception as err:  # noqa: BLE001 - reported by name, the rest still decoded
-            failed[path] = f"{type(err).__name__}: {err}"
-    order = sorted(seconds, key=seconds.get)
-    texts = {}
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="transcribing", disable=not progress):
-        sigs = {}
-        for path in batch:
-            try:
-                sigs[path] = load_audio(str(path), sample_rate)
-            except Exception as err:  # noqa: BLE001 - as above
-                failed[path] = f"{type(err).__name__}: {err}"
-        if not sigs:
-            continue
-        longest = max(s.shape[0] for s in sigs.values())
-        wavs = torch.zeros(len(sigs), longest)
-        for row, sig in enumerate(sigs.values()):
-            wavs[row, :sig.shape[0]] = sig
-        lens = torch.tensor([s.shape[0] / longest for s in sigs.values()])
-        words, _ = asr.transcribe_batch(wavs, lens)
-        for path, text in zip(sigs, words, strict=True):
-            texts[path] = text if isinstance(text, str) else " ".join(text)
-    return texts, failed
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("export", help="a folder written by tools/checkpoints.py export")
@@ -89,20 +61,43 @@ def main(argv=None):
     parser.add_argument("--format", choices=["text", "jsonl"],
                         help="text: path<TAB>text; jsonl: {\"audio\", \"text\"} (default: from "
                              "--out's suffix, else text)")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=16,
+                        help="files, or pieces of a long file, decoded together")
+    parser.add_argument("--timestamps", action="store_true",
+                        help="add each file's segments {start, end, text} (seconds) to the "
+                             "JSON lines")
+    parser.add_argument("--window_seconds", type=float,
+                        help="longest audio decoded in one pass (default: the model's window; "
+                             "30 s for SSL CTC encoders); longer files go in pieces")
+    parser.add_argument("--overlap_seconds", type=float,
+                        help="CTC: audio shared by neighbouring windows (default: a quarter of "
+                             "the window, at most 2 s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from speechtune.export import load_asr
-
+    fmt = args.format or ("jsonl" if args.out and args.out.endswith(".jsonl") or args.timestamps
+                          else "text")
+    if args.timestamps and fmt != "jsonl":
+        parser.error("--timestamps writes JSON lines: drop --format text, or use --format jsonl")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size {args.batch_size}: it must be at least 1")
     paths = collect(args.inputs)
     asr = load_asr(args.export, device=args.device)
-    texts, failed = transcribe(asr, paths, asr.hparams.sample_rate, args.batch_size,
-                               progress=not args.quiet)
-    fmt = args.format or ("jsonl" if args.out and args.out.endswith(".jsonl") else "text")
-    lines = [json.dumps({"audio": str(p), "text": texts[p]}, ensure_ascii=False)
-             if fmt == "jsonl" else f"{p}\t{texts[p]}" for p in paths if p in texts]
+    try:
+        window = longform.window_samples(asr, args.window_seconds)
+        overlap = longform.overlap_samples(asr, window, args.overlap_seconds)
+    except ValueError as err:
+        parser.error(f"--window_seconds / --overlap_seconds: {err}")
+    texts, segments, failed = longform.transcribe_files(
+        asr, paths, args.batch_size, window, overlap, progress=not args.quiet)
+
+    def record(path):
+        found = {"audio": str(path), "text": texts[path]}
+        return {**found, "segments": segments[path]} if args.timestamps else found
+
+    lines = [json.dumps(record(p), ensure_ascii=False) if fmt == "jsonl"
+             else f"{p}\t{texts[p]}" for p in paths if p in texts]
     output = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).write_text(output, encoding="utf-8")
