@@ -5,7 +5,10 @@ from pathlib import Path
 from speechtune.data import Manifests
 
 # further bundled test sets: name -> (language, manifest under data_folder)
-EXTRA_TESTS = {"en_heldout": ("en", "en_heldout/test.csv")}
+EXTRA_TESTS = {"en_heldout": ("en", "en_heldout/test.csv"),
+               # en/test reverberated and mixed with held-out noises at 5 dB SNR
+               # (local/make_noise_rir.py --noisy_test)
+               "en_noisy": ("en", "en_noisy/test.csv")}
 
 
 def prepare_synthetic(hparams):
