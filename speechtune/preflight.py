@@ -3,7 +3,8 @@
 The seed report lost a whole run to lower-case transcripts against an upper-case vocabulary (every
 character became ``<unk>``, WER stuck at 1.0). ``run_preflight`` checks every split for
 
-- audio files that are missing or unreadable,
+- audio files that are missing or unreadable (training from shards: utterances missing from the
+  shard index, ``speechtune.shards.check``),
 - manifest durations that disagree with the audio,
 - labels that cannot fit the model: training utterances with more CTC labels than encoder
   frames (the loss would be infinite; valid/test utterances are scored whatever their length);
@@ -63,6 +64,8 @@ class Report:
 
 
 FIXES = {
+    "not_in_shards": "run local/make_shards.py on this training manifest (it resumes), or point "
+                     "train_shards at the shards made from it",
     "missing_audio": "check the `wav` column and --data_folder (the manifest's $data_root)",
     "unreadable_audio": "re-encode the file (16 kHz mono FLAC/WAV) or remove the row",
     "duration_mismatch": "re-run the corpus preparation in local/ so durations come from the audio",
@@ -221,7 +224,7 @@ def case_hint(oov, vocab):
 
 def run_preflight(splits, vocab, label_check, mode="error", max_oov_rate=0.005,
                   duration_tolerance=0.1, report_path=None, excluded=(), audio_stats=None,
-                  limits=None):
+                  limits=None, train_audio=None):
     """Validate manifests before training; return ``{split: set of IDs to drop}``.
 
     Parameters
@@ -252,6 +255,9 @@ def run_preflight(splits, vocab, label_check, mode="error", max_oov_rate=0.005,
         content and the degenerate-audio check of training utterances (against ``limits``, a
         ``corpus_checks.DegenerateLimits``; default its defaults).
         IDs and resolved paths are checked for leakage either way.
+    train_audio : list of Problem, optional
+        The training audio's problems found without opening its files (``speechtune.shards.
+        check``: against the shard index); given, the training files are not checked.
 
     Returns
     -------
@@ -265,7 +271,8 @@ def run_preflight(splits, vocab, label_check, mode="error", max_oov_rate=0.005,
         if not rows:
             raise PreflightError(f"Split '{split}' is empty: check its manifest and the "
                                  "min/max duration filters.")
-        report.problems += check_audio(split, rows, duration_tolerance)
+        report.problems += (train_audio if split == "train" and train_audio is not None
+                            else check_audio(split, rows, duration_tolerance))
         texts = [row["target"] for row in rows]
         for row, text in zip(rows, texts, strict=True):
             if not str(row.get("words", text)).strip():
