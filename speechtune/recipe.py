@@ -21,7 +21,7 @@ import speechbrain as sb
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
-from speechtune import data, families, gate
+from speechtune import data, families, gate, mixing, shards
 from speechtune.brain import FineTuneBrain
 from speechtune.corpus_checks import DegenerateLimits, cache_path, collect_stats
 from speechtune.preflight import (
@@ -157,6 +157,9 @@ def check_writable(folder):
 
 def _loader_kwargs(hparams, dataset, stage):
     """Train: duration-budget batches (or fixed size); valid/test: fixed size, duration-sorted."""
+    if stage == "train" and hparams["corpora"]:  # drawn by corpus weight (speechtune.mixing)
+        return {"batch_sampler": mixing.batch_sampler(dataset, hparams),
+                "num_workers": hparams["num_workers"]}
     if stage == "train" and hparams["dynamic_batching"]:
         sampler = data.dynamic_batch_sampler(
             dataset, hparams["max_batch_seconds"], hparams["num_buckets"], shuffle=True,
@@ -251,9 +254,11 @@ def build_experiment(hparams, run_opts, prepare, family=None):
     """Prepare data, read the manifests, drop training utterances outside the duration limits,
     then run the family's ordered ``setup`` (``speechtune.family``), the pre-flight checks
     between its tokenizer and its datasets."""
+    prepare = mixing.preparation(hparams, prepare)  # with corpora: theirs, merged
     run_on_main(prepare, args=[hparams])  # writes manifests once (DDP-safe)
     manifests = prepare(hparams)  # on every process: finds the manifests written above
     setup = family_of(hparams, family)(hparams)
+    train_shards = shards.from_hparams(hparams)  # None: training audio from the manifest's files
 
     paths = {"train": manifests.train, "valid": manifests.valid, **manifests.tests}
     rows = {split: data.read_manifest(path, hparams["data_folder"])
@@ -277,7 +282,8 @@ def build_experiment(hparams, run_opts, prepare, family=None):
         splits = {split: list(split_rows.values()) for split, split_rows in rows.items()}
         stats = None
         if hparams["preflight_audio_checks"]:  # decoded once, by the main process
-            kwargs = {"paths": [r["wav"] for split_rows in splits.values() for r in split_rows],
+            kwargs = {"paths": [r["wav"] for split, split_rows in splits.items()
+                                if not (train_shards and split == "train") for r in split_rows],
                       "cache_path": hparams["preflight_audio_cache"] or cache_path(
                           manifests.train, hparams["output_folder"]),
                       "workers": hparams["num_workers"]}
@@ -292,6 +298,7 @@ def build_experiment(hparams, run_opts, prepare, family=None):
             excluded=[Problem("train", i, "outside_duration_limits",
                               f"{d:.3f} s, not within [{lo}, {hi}] s (min_duration, "
                               "max_duration)") for i, d in sorted(outside.items())],
+            train_audio=shards.check(train_shards, splits["train"]) if train_shards else None,
             audio_stats=stats, limits=DegenerateLimits(
                 hparams["preflight_min_level_dbfs"], hparams["preflight_max_clipped"],
                 hparams["preflight_min_flatness_db"]))
@@ -306,11 +313,13 @@ def build_experiment(hparams, run_opts, prepare, family=None):
             built.tests.pop(split), stage=sb.Stage.VALID, ckpt_prefix=None,
             **_loader_kwargs(hparams, None, "valid")) for split in retain_rows}
         brain.retain = RetainGuard(loaders, hparams["retain_max_rise"])
-    loader_kwargs = {"train": _loader_kwargs(hparams, built.train, "train"),
+    train = built.train if not train_shards else shards.train_loader(
+        hparams, built.train, train_shards, brain.checkpointer)  # streams the shards' audio
+    loader_kwargs = {"train": {} if train_shards else _loader_kwargs(hparams, built.train, "train"),
                      "valid": _loader_kwargs(hparams, built.valid, "valid")}
     loader_kwargs.update({name: _loader_kwargs(hparams, ds, "test")
                           for name, ds in built.tests.items()})
-    return Experiment(brain, built.train, built.valid, built.tests, loader_kwargs, setup)
+    return Experiment(brain, train, built.valid, built.tests, loader_kwargs, setup)
 
 
 def record_run(hparams, setup, step_limit):
@@ -332,7 +341,8 @@ def record_run(hparams, setup, step_limit):
 
 
 def run(argv, prepare, family=None):
-    """Train and test a recipe. ``prepare(hparams)`` returns the corpus ``Manifests``;
+    """Train and test a recipe. ``prepare(hparams)`` returns the corpus ``Manifests`` (or
+    ``{name: prepare}``, the preparations the yaml's ``corpora`` name: ``speechtune.mixing``);
     ``family``: a subclass of the yaml's family (default: the registered class itself)."""
     hparams, run_opts = load_hparams(argv)
     experiment = build_experiment(hparams, run_opts, prepare, family)

@@ -23,7 +23,7 @@ from transformers import WhisperForConditionalGeneration
 from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-from speechtune import adapters, data, packaged, tiny
+from speechtune import adapters, data, packaged, tiny, whisper_models
 from speechtune.brain import FineTuneBrain
 from speechtune.encoder_cache import EncoderCache
 from speechtune.family import Family
@@ -91,8 +91,8 @@ class WhisperBrain(FineTuneBrain):
             self.encoder_cache.put(batch.id, enc.detach().to(dtype))
         log_probs = logits.float().log_softmax(dim=-1)
         hyps = None
-        if stage == sb.Stage.VALID:
-            hyps, _, _, _ = self.valid_search(enc.detach(), wav_lens)
+        if stage == sb.Stage.VALID:  # each utterance after its own prefix's language token
+            hyps = whisper_models.prefix_search(self.valid_search, enc.detach(), wav_lens, bos)
         elif stage == sb.Stage.TEST:
             hyps, _, _, _ = self.test_search(enc.detach(), wav_lens)
         return log_probs, hyps
@@ -109,7 +109,7 @@ class WhisperBrain(FineTuneBrain):
                                        label_smoothing=self.hparams.label_smoothing)
         if stage != sb.Stage.TRAIN:
             texts = self.tokenizer.batch_decode(hyps, skip_special_tokens=True)
-            predicted = [self.score_normalize(text).split() for text in texts]
+            predicted = whisper_models.prefix_normalized(self, texts, batch.tokens_bos[0])
             targets = [words.split() for words in batch.words]
             self.wer_metric.append(batch.id, predicted, targets)
             self.cer_metric.append(batch.id, predicted, targets)
@@ -332,6 +332,9 @@ class WhisperFamily(Family):
     def modules(self):
         """The Brain's modules: the Whisper wrapper (encoder and decoder)."""
         return {"whisper": self.whisper}
+
+    def window_seconds(self):
+        return self.whisper.window_seconds
 
     @classmethod
     def export(cls, save, ckpts, info, out):

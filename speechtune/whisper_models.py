@@ -128,6 +128,33 @@ class Whisper(SBWhisper):
         return self._n_samples / self.sampling_rate
 
 
+def prefix_search(searcher, enc, wav_lens, bos):
+    """``searcher``'s hypotheses, each utterance decoded after its own decoder prefix's language
+    token (``bos[:, 1]``, once per beam): a batch of a pooled valid split (``speechtune.mixing``)
+    mixes languages. An English-only model's prefix has no language token: decoded as set."""
+    if searcher.model.is_multilingual:
+        searcher.set_lang_tokens(bos[:, 1].repeat_interleave(getattr(searcher, "beam_size", 1)))
+    return searcher(enc, wav_lens)[0]
+
+
+def prefix_languages(bos, searcher, tokenizer):
+    """Each utterance's language code, read from its decoder prefix; None for an English-only
+    model."""
+    if not searcher.model.is_multilingual:
+        return None
+    return [token[2:-2] for token in tokenizer.convert_ids_to_tokens(bos[:, 1].tolist())]
+
+
+def prefix_normalized(brain, texts, bos):
+    """The hypotheses ``texts`` as word lists, each normalised in its utterance's language (its
+    decoder prefix's; ``brain.score_normalizers``), or by the split's normaliser
+    (``brain.score_normalize``) for an English-only model."""
+    languages = prefix_languages(bos, brain.valid_search, brain.tokenizer)
+    normalizers = [brain.score_normalizers[lang] for lang in languages] if languages else \
+        [brain.score_normalize] * len(texts)
+    return [normalize(text).split() for normalize, text in zip(normalizers, texts, strict=True)]
+
+
 class WhisperEncoderOnlyModel(WhisperPreTrainedModel):
     """Whisper's encoder as a transformers model: state dict ``encoder.*``, as in
     ``WhisperModel``. Loads from a full Whisper checkpoint (``model.encoder.*`` or ``encoder.*``

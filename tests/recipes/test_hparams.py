@@ -17,6 +17,8 @@ RECIPE_TESTS = {
     "recipes/Synthetic/CTC/hparams/wavlm_tiny.yaml": "recipes/test_synthetic_recipes.py",
     "recipes/Synthetic/CTC/hparams/whisper_base_encoder.yaml":
         "recipes/test_whisper_encoder_ctc.py",
+    "recipes/Synthetic/CTC/hparams/whisper_base_encoder_noisy.yaml":
+        "unit/test_noise_augmentation.py",
     "recipes/LibriSpeech/CTC/hparams/wavlm_large.yaml": "recipes/test_librispeech.py",
     "recipes/LibriSpeech/CTC/hparams/wavlm_large_paper.yaml": "recipes/test_librispeech.py",
     "recipes/Synthetic/Whisper/hparams/whisper_tiny.yaml": "recipes/test_synthetic_recipes.py",
@@ -34,6 +36,8 @@ RECIPE_TESTS = {
     "recipes/CoRal/CTC/hparams/xls_r_300m_da.yaml": "recipes/test_corpus_recipes.py",
     "recipes/CoRal/Whisper/hparams/whisper_small_da.yaml": "recipes/test_corpus_recipes.py",
     "recipes/CoRal/Whisper/hparams/whisper_small_da_lora.yaml": "recipes/test_corpus_recipes.py",
+    "recipes/Danish/Whisper/hparams/whisper_small_da_mix.yaml": "recipes/test_mixing_recipe.py",
+    "recipes/Synthetic/Whisper/hparams/whisper_base_mix.yaml": "recipes/test_mixing_recipe.py",
 }
 
 
@@ -54,9 +58,11 @@ def test_header_names_the_run_command(path):
 
 @pytest.mark.parametrize("path", HPARAMS, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_loads_and_builds_with_a_tiny_model(path, tmp_path, micro_encoder_dir,
-                                            micro_whisper_en_dir, micro_whisper_multi_dir):
+                                            micro_whisper_en_dir, micro_whisper_multi_dir,
+                                            monkeypatch):
     """Every yaml loads (building no model), and its family builds its model from the model key
     (a micro model standing in for the hub one)."""
+    monkeypatch.chdir(path.parents[1])  # loaded where it runs: its relative paths start there
     text = path.read_text(encoding="utf-8")
     overrides = {"output_folder": str(tmp_path)}
     if re.search(r"^data_folder: ", text, re.M) is None:  # the base's !PLACEHOLDER
