@@ -213,6 +213,9 @@ class CTCFamily(Family):
         sb.dataio.dataset.set_output_keys(datasets,
                                           ["id", "sig", "wrd", "words", "tokens", "duration"])
 
+    def window_seconds(self):
+        return self.encoder.window_seconds  # Whisper's encoder: its window; SSL encoders: None
+
     def modules(self):
         """The encoder and a linear head sized to the vocabulary: new, or the pretrained CTC
         head's weights (``vocabulary: pretrained``; a resumed run then loads its checkpoint)."""

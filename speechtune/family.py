@@ -138,6 +138,10 @@ class Family(ABC):
         """Adjust a SpeechBrain inference object loaded from an export (default: nothing)."""
         return asr
 
+    def window_seconds(self):
+        """The longest audio the built model decodes in one pass, in seconds (None: any)."""
+        return None
+
     @classmethod
     def check_language(cls, language):
         """Refuse (ValueError) a language the family's models cannot be told to write; the text

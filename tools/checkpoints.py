@@ -20,9 +20,10 @@ class that wrote them.
 ``--average_best=K``: on a finished run that only evaluates, averaging the K best checkpoints
 with SpeechBrain's ``average_checkpoints`` and scoring the average on valid and test like any
 checkpoint (``wer_<split>.txt`` and ``train_log.txt`` then hold the average's results).
-``check`` reruns it with ``--robustness_gate=True``: the non-speech clips and loops of
-``speechtune.gate`` for the tested checkpoint against the model as loaded, in ``RUN/gate.md``
-(``--max_insertions_rise`` / ``--max_loop_rise`` make a regression fail).
+``check`` reruns it with ``--robustness_gate=True``: the non-speech clips, loops and long
+recording of ``speechtune.gate`` for the tested checkpoint against the model as loaded, in
+``RUN/gate.md`` (``--max_insertions_rise`` / ``--max_loop_rise`` / ``--max_deletion_rise`` make
+a regression fail).
 ``export`` writes a self-contained folder that loads offline with SpeechBrain's ``EncoderASR`` /
 ``WhisperASR`` and with transformers' ``from_pretrained`` (``speechtune.export``), with a README
 card; ``tools/transcribe.py`` decodes audio with it. ``--format ct2`` (Whisper runs) writes a
@@ -171,18 +172,21 @@ def main(argv=None):
                         "(CTranslate2 / faster-whisper; Whisper runs) or onnx (CTC runs)")
     export.add_argument("--quantization", help="--format ct2: CTranslate2's weight type, "
                         "e.g. float16 (default), int8, float32")
-    gate = sub.add_parser("check", help="the robustness gate: non-speech clips and loops, "
-                          "against the base model")
+    gate = sub.add_parser("check", help="the robustness gate: non-speech clips, loops and a "
+                          "long recording, against the base model")
     gate.add_argument("run", help="the run's output folder")
     gate.add_argument("--max_insertions_rise", type=float, help="fail above this many more "
                       "words per minute of non-speech than the base model")
     gate.add_argument("--max_loop_rise", type=float, help="fail above this many more points "
                       "of test hypotheses in a loop than the base model")
+    gate.add_argument("--max_deletion_rise", type=float, help="fail above this many more "
+                      "points of the long recording's words deleted than the base model")
     args = parser.parse_args(argv)
 
     if args.command == "check":
         limits = [f"--gate_max_{key}={value}" for key, value in (
-            ("insertions_rise", args.max_insertions_rise), ("loop_rise", args.max_loop_rise))
+            ("insertions_rise", args.max_insertions_rise), ("loop_rise", args.max_loop_rise),
+            ("deletion_rise", args.max_deletion_rise))
             if value is not None]
         return check(args.run, limits)
     if args.command == "average":

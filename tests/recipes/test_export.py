@@ -357,6 +357,10 @@ def test_the_gate_reports_whisper_base_against_its_fine_tune(whisper_base_run):
     base, tested = numbers["base"], numbers["tested"]
     assert base["hypotheses"] == tested["hypotheses"] == 16  # Danish test + en_heldout
     assert base["loop_rate"] is not None and tested["loop_rate"] is not None
+    # the long recording: the Danish test utterances with pauses, in 8 s chunks, both models
+    long = json.loads((run / "gate" / "long.json").read_text())
+    assert len(long["chunks"]) >= 2 and all(b - a <= 8.0 for a, b in long["chunks"])
+    assert None not in (base["long_deletion_rate"], tested["long_deletion_rate"])
     for model, suffix in ((base, "_zero_shot"), (tested, "")):  # counted from the test stage
         with open(run / f"hyps_gate_nonspeech{suffix}.tsv", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))

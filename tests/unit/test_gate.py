@@ -10,7 +10,14 @@ from fakes import experiment
 
 from speechtune import gate
 from speechtune.corpus_checks import audio_stats
-from speechtune.gate import GateError, has_loop, make_clips, numbers, verdict
+from speechtune.gate import (
+    GateError,
+    has_loop,
+    make_clips,
+    make_long_recording,
+    numbers,
+    verdict,
+)
 
 
 def test_the_clips_are_seeded_non_speech_of_the_asked_length(tmp_path):
@@ -69,6 +76,45 @@ def test_without_base_test_hypotheses_loops_are_reported_not_judged(tmp_path):
     assert json.loads((tmp_path / "gate.json").read_text())["tested"]["looped"] == ["a"]
 
 
+def test_the_long_recording_is_the_test_utterances_with_pauses_cut_in_them(tmp_path):
+    rate, tone = 16000, np.sin(np.arange(16000) / 3.0).astype("float32") * 0.5  # 1 s, no pause
+    rows = {}
+    for i in range(12):
+        sf.write(tmp_path / f"u{i}.wav", tone, rate)
+        rows[f"u{i}"] = {"wav": str(tmp_path / f"u{i}.wav"), "words": f"word{i} w"}
+    info = make_long_recording(tmp_path / "a", rows, rate, seconds=10, window_seconds=4.0)
+    assert info == make_long_recording(tmp_path / "b", rows, rate, 10, 4.0)  # seeded
+    long, _ = sf.read(tmp_path / "a" / "long.wav")
+    assert 10 <= info["seconds"] == len(long) / rate < 10 + 1 + 1.5
+    assert info["reference"] == " ".join(f"word{i} w" for i in range(info["utterances"]))
+    ends = [end for _, end in info["chunks"]]
+    assert ends[-1] == info["seconds"] and len(ends) >= 3
+    for k, (start, end) in enumerate(info["chunks"]):
+        assert 0 < end - start <= 4.0
+        chunk, _ = sf.read(tmp_path / "a" / f"long_{k:03d}.wav")
+        assert np.array_equal(chunk, long[round(start * rate):round(end * rate)])
+        if end < info["seconds"]:  # every cut falls in a pause, never in an utterance
+            assert np.all(long[round(end * rate) - 100:round(end * rate) + 100] == 0)
+    with pytest.raises(ValueError, match="gate_long_seconds=0"):
+        make_long_recording(tmp_path / "c", {"x": {**rows["u0"], "words": ""}}, rate, 1, 4.0)
+
+
+def test_the_long_recording_counts_deleted_words_against_the_base_model():
+    base = numbers({"c": ""}, 6.0, None, ("a b c d e f g h i j", "a b c d e f g h i j"))
+    stops = numbers({"c": ""}, 6.0, None, ("a b c d e f g h i j", "a b c x"))
+    silent = numbers({"c": ""}, 6.0, None, ("a b c d", ""))
+    assert base.long_deletion_rate == 0.0 and base.long_wer == 0.0
+    assert stops.long_deletion_rate == pytest.approx(60.0)  # 6 of 10 words missing
+    assert stops.long_wer == pytest.approx(70.0)  # and one substituted
+    assert silent.long_deletion_rate == 100.0 and silent.long_wer == 100.0
+    assert verdict(base, stops, None, None, 50.0) == [
+        "words deleted on the long recording 0.0% -> 60.0% (+60.0 points; "
+        "gate_max_deletion_rise=50)"]
+    assert verdict(base, stops, None, None, 60.0) == []
+    assert numbers({"c": ""}, 6.0, None).long_deletion_rate is None  # no long recording
+    assert verdict(numbers({"c": ""}, 6.0, None), stops, None, None, 0.0) == []
+
+
 def test_the_gate_runs_on_a_micro_model_as_train_py_runs_it(synthetic_subset, tmp_path):
     out = tmp_path / "run"
     exp = experiment(synthetic_subset, out, robustness_gate=True, gate_clip_seconds=2.0,
@@ -76,8 +122,10 @@ def test_the_gate_runs_on_a_micro_model_as_train_py_runs_it(synthetic_subset, tm
     hparams = exp.brain.hparams.__dict__
     exp.zero_shot()
     base = gate.base_numbers(exp, hparams)
-    clips = json.loads((out / "gate_base.json").read_text())["clips"]
-    assert {clip: len(text.split()) for clip, text in clips.items()} == base.words
+    saved = json.loads((out / "gate_base.json").read_text())
+    assert {clip: len(text.split()) for clip, text in saved["clips"].items()} == base.words
+    reference = json.loads((out / "gate" / "long.json").read_text())["reference"]
+    assert saved["long"][0] == reference and base.long_deletion_rate is not None
     assert gate.base_numbers(exp, hparams) == base  # from the file: the same numbers
     exp.fit()
     exp.evaluate()
@@ -87,6 +135,10 @@ def test_the_gate_runs_on_a_micro_model_as_train_py_runs_it(synthetic_subset, tm
     with open(out / "wer_gate_nonspeech.txt", encoding="utf-8") as f:
         assert "gate_silence" in f.read()
     assert tuned.hypotheses == 6 and base.hypotheses == 6  # the test split, both models
+    chunks = json.loads((out / "gate" / "long.json").read_text())["chunks"]
+    with open(out / "hyps_gate_long.tsv", encoding="utf-8") as f:  # each chunk decoded
+        assert len(f.read().splitlines()) == 1 + len(chunks)
+    assert tuned.long_wer is not None and "| long recording: WER (%) |" in text
     assert (out / "gate.md").read_text() == text
     with pytest.raises(GateError, match=r"(?s)robustness gate failed.*gate_max_insertions_rise"
                                         r"=-1.*test results are written"):
