@@ -9,6 +9,7 @@ SpeechBrain outside that range or one that lacks any of them: re-check each on a
 """
 
 import speechbrain as sb
+from speechbrain.decoders.seq2seq import S2SWhisperBeamSearcher
 from speechbrain.integrations.huggingface.whisper import Whisper
 from speechbrain.utils.checkpoints import Checkpointer
 
@@ -22,6 +23,8 @@ PRIVATE_MEMBERS = {
     Whisper: ("_n_samples", "_hop_length", "_n_fft", "_mel_filters", "_from_pretrained"),
     # speechtune.checkpoints.AtomicCheckpointer: the meta file written under another name
     Checkpointer: ("_save_checkpoint_metafile",),
+    # speechtune.whisper_models.WhisperBeamSearcher: the cache reordering after each step
+    S2SWhisperBeamSearcher: ("_reorder_cache",),
 }
 
 

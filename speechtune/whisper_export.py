@@ -52,7 +52,8 @@ def export_whisper(save, ckpts, info, out):
     processor.save_pretrained(out)
 
     search = info["test_search"]
-    searcher = "S2SWhisperBeamSearcher" if search["beam_size"] > 1 else "S2SWhisperGreedySearcher"
+    searcher = "speechtune.whisper_models.WhisperBeamSearcher" if search["beam_size"] > 1 else \
+        "speechbrain.decoders.seq2seq.S2SWhisperGreedySearcher"
     lines = [f"    {k}: {json.dumps(v)}" for k, v in search.items()
              if searcher.endswith("BeamSearcher") or k not in (
                  "beam_size", "length_normalization", "using_eos_threshold", "eos_threshold")]
@@ -71,7 +72,7 @@ whisper: !new:speechtune.whisper_models.Whisper   # the model's own input window
     language: !ref <language>
     task: {info["task"]}
     freeze: True
-decoder: !new:speechbrain.decoders.seq2seq.{searcher}
+decoder: !new:{searcher}
     {target}
 {chr(10).join(lines)}
 normalized_transcripts: False

@@ -21,8 +21,9 @@ CTC class: such an export loads with SpeechBrain's ``EncoderASR`` only.
 import logging
 
 import torch
+from speechbrain.decoders.seq2seq import S2SWhisperBeamSearcher
 from speechbrain.integrations.huggingface.whisper import Whisper as SBWhisper
-from transformers import AutoConfig, WhisperFeatureExtractor
+from transformers import AutoConfig, EncoderDecoderCache, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 from transformers.models.whisper.modeling_whisper import WhisperPreTrainedModel
 
@@ -153,6 +154,23 @@ def prefix_normalized(brain, texts, bos):
     normalizers = [brain.score_normalizers[lang] for lang in languages] if languages else \
         [brain.score_normalize] * len(texts)
     return [normalize(text).split() for normalize, text in zip(normalizers, texts, strict=True)]
+
+
+class WhisperBeamSearcher(S2SWhisperBeamSearcher):
+    """SpeechBrain's Whisper beam search, without copying the cross-attention cache each step.
+
+    After every step the searcher reorders the decoder's key/value cache to the surviving
+    hypotheses. Its cross-attention half holds the encoder's keys and values, the same for every
+    hypothesis of an utterance, and the reordering only moves hypotheses within their utterance,
+    so copying it (batch x beam x frames x layers, every step) changes nothing. On 2 CPU cores
+    that copy was a third of a batched beam-5 test decode
+    (``tools/benchmark_whisper_decoding.py``, docs/performance.md)."""
+
+    def _reorder_cache(self, past_key_values, beam_idx):
+        if isinstance(past_key_values, EncoderDecoderCache):
+            past_key_values.self_attention_cache.reorder_cache(beam_idx)
+            return past_key_values
+        return super()._reorder_cache(past_key_values, beam_idx)
 
 
 class WhisperEncoderOnlyModel(WhisperPreTrainedModel):

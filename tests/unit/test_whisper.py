@@ -1,14 +1,20 @@
 """WhisperBrain behaviour, driven in-process through the real Synthetic Whisper yaml with a micro
 Whisper: Noam LR per optimizer step, frozen encoder, decoder inputs/targets, text scoring."""
 
+import csv
+
 import pytest
 import speechbrain as sb
 import torch
 from fakes import MICRO_WHISPER, REPO, SYNTHETIC, write_subset
+from speechbrain.decoders.seq2seq import S2SWhisperBeamSearcher
+from transformers.cache_utils import DynamicCache
 
+from speechtune.data import load_audio
 from speechtune.prepare.synthetic import prepare_synthetic
 from speechtune.recipe import build_experiment, load_yaml
 from speechtune.whisper import WhisperFamily, scoring_normalizer
+from speechtune.whisper_models import Whisper, WhisperBeamSearcher
 
 YAML = REPO / "recipes" / "Synthetic" / "Whisper" / "hparams" / "whisper_tiny.yaml"
 
@@ -225,3 +231,34 @@ def test_encoder_cache_gives_the_loss_of_recomputing_and_skips_the_encoder(
 def test_encoder_cache_refused_when_encoder_outputs_change(synthetic_subset, tmp_path, overrides):
     with pytest.raises(ValueError, match="encoder_cache=memory needs the same encoder output"):
         built(load(synthetic_subset, tmp_path / "run", encoder_cache="memory", **overrides))
+
+
+def test_the_beam_searcher_writes_what_speechbrains_writes_without_the_cross_cache_copies(
+        monkeypatch, tmp_path):
+    """speechtune's WhisperBeamSearcher leaves the cross-attention cache in place (the beams of an
+    utterance share it); on a batch of real whisper-base decodes its hypotheses are
+    SpeechBrain's to the token."""
+    whisper = Whisper("packaged:whisper-base", str(tmp_path), language="en", task="transcribe",
+                      freeze=True, window_seconds=8).eval()
+    settings = {"min_decode_ratio": 0.0, "max_decode_ratio": 0.25, "beam_size": 3,
+                "length_normalization": True, "using_eos_threshold": True,
+                "eos_threshold": 1.5}
+    with open(SYNTHETIC / "en" / "test.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:3]
+    sigs = [load_audio(r["wav"].replace("$data_root", str(SYNTHETIC)), 16000) for r in rows]
+    wavs = torch.zeros(len(sigs), max(s.shape[0] for s in sigs))
+    for i, sig in enumerate(sigs):
+        wavs[i, :sig.shape[0]] = sig
+    lens = torch.tensor([s.shape[0] / wavs.shape[1] for s in sigs])
+    copied = []
+    reorder = DynamicCache.reorder_cache
+    monkeypatch.setattr(DynamicCache, "reorder_cache",
+                        lambda cache, idx: (copied.append(id(cache)), reorder(cache, idx))[1])
+    with torch.inference_mode():
+        enc = whisper.forward_encoder(whisper._get_mel(wavs))
+        ours = WhisperBeamSearcher(module=[whisper], **settings)(enc, lens)[0]
+        caches_ours = set(copied)
+        copied.clear()
+        theirs = S2SWhisperBeamSearcher(module=[whisper], **settings)(enc, lens)[0]
+    assert ours == theirs and all(len(h) > 3 for h in ours)
+    assert len(caches_ours) == 1 and len(set(copied)) == 2  # self-attention only vs both
