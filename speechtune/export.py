@@ -193,12 +193,24 @@ def format_use(summary, out):
     """The card's use section of a ct2 / onnx folder."""
     name = Path(out).name
     if summary["format"] == "ct2":
-        return f"""## Use (CTranslate2 / faster-whisper, {summary['quantization']} weights)
-
-The encoder's window is {summary['window_seconds']:g} s (`preprocessor_config.json`): audio is
-padded to it, as in training; longer audio is cut into windows by faster-whisper.
+        window = summary["window_seconds"]
+        if window < 30:  # faster-whisper 1.2's transcribe pads every window to 3000 frames
+            use = f"""faster-whisper (1.2) cannot run this model: its `WhisperModel.transcribe` pads
+every window to 30 s of features whatever `preprocessor_config.json` says, and CTranslate2 then
+refuses them (`expected an input with shape (1, 80, {int(window * 100)})`). Decode with
+ctranslate2 itself, which pads to the model's window as training did:
 
 ```python
+from speechtune.ct2_export import greedy_transcripts, load_ct2
+from speechtune.data import load_audio
+loaded = load_ct2("{name}", threads=2)
+ids, texts = greedy_transcripts(loaded, [load_audio("utt.wav", 16000).numpy()],
+                                "{summary['language']}")
+```
+
+For faster-whisper, train with the model's own 30 s window (`--window_seconds=null`)."""
+        else:
+            use = f"""```python
 from faster_whisper import WhisperModel
 model = WhisperModel("{name}", device="cpu", compute_type="default")
 segments, _ = model.transcribe("utt.wav", language="{summary['language']}", beam_size=1,
@@ -207,7 +219,13 @@ print(" ".join(s.text for s in segments))
 ```
 
 Without faster-whisper: `speechtune.ct2_export.greedy_transcripts` (ctranslate2 and
-transformers' feature extractor). See docs/export.md in the speechtune repository.
+transformers' feature extractor)."""
+        return f"""## Use (CTranslate2 / faster-whisper, {summary['quantization']} weights)
+
+The encoder's window is {window:g} s (`preprocessor_config.json`): audio is padded to it, as in
+training.
+
+{use} See docs/export.md in the speechtune repository.
 """
     return f"""## Use (onnxruntime)
 

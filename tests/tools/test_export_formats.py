@@ -58,6 +58,8 @@ def test_ct2_greedy_decoding_writes_the_transformers_export_tokens(whisper_expor
     assert window["chunk_length"] == 8 and window["nb_max_frames"] == 800
     marker = json.loads((ct2 / "speechtune_export.json").read_text())
     assert marker["format"] == "ct2" and marker["window_seconds"] == 8
+    card = (ct2 / "README.md").read_text()  # faster-whisper 1.2 pads every window to 30 s
+    assert "faster-whisper (1.2) cannot run this model" in card and "greedy_transcripts" in card
     signals = split_signals(data / "decode")
     ids, texts = ct2_export.greedy_transcripts(ct2_export.load_ct2(ct2, threads=1), signals,
                                                "en")
