@@ -38,6 +38,7 @@ from pathlib import Path
 import jiwer
 import numpy as np
 import soundfile as sf
+import torch
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from speechtune import data, longform
@@ -130,8 +131,8 @@ def make_long_recording(folder, rows, sample_rate, seconds, window_seconds, seed
                          "utterances; set --gate_long_seconds=0 to leave the long recording out")
     long = np.concatenate(pieces)
     sf.write(folder / "long.wav", long, sample_rate, subtype="PCM_16")
-    cuts = longform.whisper_cuts(data.load_audio(str(folder / "long.wav"), sample_rate),
-                                 int(window_seconds * sample_rate), sample_rate)
+    cuts = longform.whisper_cuts(torch.from_numpy(long), int(window_seconds * sample_rate),
+                                 sample_rate)
     for k, (start, end) in enumerate(cuts):
         sf.write(folder / f"long_{k:03d}.wav", long[start:end], sample_rate, subtype="PCM_16")
     info = {"reference": " ".join(w for w in words if w), "seconds": len(long) / sample_rate,

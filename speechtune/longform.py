@@ -179,7 +179,7 @@ def _batches(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _padded(pieces):
+def padded(pieces):
     """``(wavs, relative lengths)`` of 1-D tensors, zero-padded to the longest."""
     longest = max(p.shape[0] for p in pieces)
     wavs = torch.zeros(len(pieces), longest)
@@ -198,7 +198,7 @@ def transcribe_whisper(asr, sig, window, batch_size):
     cuts = whisper_cuts(sig, window, rate)
     segments = []
     for batch in _batches(cuts, batch_size):
-        wavs, lens = _padded([sig[a:b] for a, b in batch])
+        wavs, lens = padded([sig[a:b] for a, b in batch])
         words, _ = asr.transcribe_batch(wavs, lens)
         segments += [Segment(a / rate, b / rate, _text(w).strip())
                      for (a, b), w in zip(batch, words, strict=True)]
@@ -212,7 +212,7 @@ def transcribe_ctc(asr, sig, window, batch_size, overlap):
     windows = ctc_windows(sig.shape[0], window, overlap, stride)
     ids, spans = [], []
     for batch in _batches(windows, batch_size):
-        wavs, lens = _padded([sig[a:b] for a, b, _, _ in batch])
+        wavs, lens = padded([sig[a:b] for a, b, _, _ in batch])
         with torch.no_grad():
             best = asr.encode_batch(wavs, lens).argmax(dim=-1).cpu()
         for (start, end, keep_from, keep_to), row in zip(batch, best, strict=True):
@@ -296,7 +296,7 @@ def transcribe_files(asr, paths, batch_size, window=None, overlap=None, progress
             texts[path], found = transcribe_long(asr, sig, batch_size, window, overlap)
             segments[path] = [asdict(s) for s in found]
             continue
-        words, _ = asr.transcribe_batch(*_padded(list(sigs.values())))
+        words, _ = asr.transcribe_batch(*padded(list(sigs.values())))
         for (path, sig), text in zip(sigs.items(), words, strict=True):
             texts[path] = _text(text)
             segments[path] = [asdict(Segment(0.0, sig.shape[0] / rate, texts[path].strip()))]

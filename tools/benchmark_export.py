@@ -21,7 +21,6 @@ Prints a Markdown table; ``--out F`` appends the numbers as one JSON line.
 """
 
 import argparse
-import csv
 import json
 import platform
 import sys
@@ -34,7 +33,7 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from speechtune import ct2_export, onnx_export
-from speechtune.data import load_audio
+from speechtune.data import load_audio, read_manifest
 from speechtune.export import export, load_asr
 from speechtune.text import get_normalizer
 from speechtune.whisper import scoring_normalizer
@@ -49,12 +48,8 @@ def folder_mb(folder):
 
 def read_split(manifest):
     """``(signals, references)`` of a manifest CSV (``$data_root``: the folder above its own)."""
-    manifest = Path(manifest).resolve()
-    with open(manifest, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    root = str(manifest.parent.parent)
-    return ([load_audio(r["wav"].replace("$data_root", root), 16000).numpy() for r in rows],
-            [r["wrd"] for r in rows])
+    rows = read_manifest(manifest, Path(manifest).resolve().parent.parent).values()
+    return [load_audio(r["wav"], 16000).numpy() for r in rows], [r["wrd"] for r in rows]
 
 
 def timed(decode, batches, repeats):

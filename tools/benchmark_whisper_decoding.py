@@ -21,7 +21,6 @@ prints a Markdown table (and with ``--out`` writes ``<out>.md`` and appends ``<o
 """
 
 import argparse
-import csv
 import json
 import platform
 import sys
@@ -33,20 +32,19 @@ import jiwer
 import torch
 from speechbrain.decoders.seq2seq import S2SWhisperBeamSearcher
 
-from speechtune.data import load_audio
+from speechtune.data import load_audio, read_manifest
+from speechtune.longform import padded
 from speechtune.recipe import load_yaml
 from speechtune.whisper import scoring_normalizer
 
 REPO = Path(__file__).resolve().parent.parent
-SEARCHES = {"greedy": "valid_search", "beam5": "test_search"}
 
 
 def read_split(path, limit):
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))[:limit]
-    root = str(Path(path).resolve().parent.parent)  # $data_root: the corpus folder
-    return [(r["ID"], float(r["duration"]), r["wav"].replace("$data_root", root), r["wrd"])
-            for r in rows]
+    """``[(id, seconds, audio path, transcript)]`` of the first ``limit`` rows of a manifest
+    (``$data_root``: the folder above its own, as in the bundled corpus)."""
+    rows = list(read_manifest(path, Path(path).resolve().parent.parent).values())[:limit]
+    return [(r["ID"], r["duration"], r["wav"], r["wrd"]) for r in rows]
 
 
 def build(model, window, language, workdir):
@@ -70,12 +68,7 @@ def decode(whisper, searcher, utterances, audio, batch_size):
     texts, spent = {}, 0.0
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        sigs = [audio[u[0]] for u in batch]
-        longest = max(s.shape[0] for s in sigs)
-        wavs = torch.zeros(len(sigs), longest)
-        for row, sig in enumerate(sigs):
-            wavs[row, :sig.shape[0]] = sig
-        lens = torch.tensor([s.shape[0] / longest for s in sigs])
+        wavs, lens = padded([audio[u[0]] for u in batch])
         begin = time.perf_counter()
         with torch.inference_mode():
             enc = whisper.forward_encoder(whisper._get_mel(wavs))
