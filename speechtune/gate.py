@@ -196,28 +196,25 @@ def numbers(clip_texts, clip_seconds, test_texts, long=None):
                        len(test_texts or {}), clips_looped, deleted, wer)
 
 
+def _rise(what, base, tuned, limit, key, unit="", points="", detail=""):
+    """``[failure]`` when ``tuned`` exceeds ``base`` by more than ``limit``, else ``[]`` (also
+    when the limit is None or either value is missing)."""
+    if limit is None or None in (base, tuned) or tuned - base <= limit:
+        return []
+    return [f"{what} {base:.1f}{unit} -> {tuned:.1f}{unit} (+{tuned - base:.1f}{points}; "
+            f"{key}={limit:g}){detail}"]
+
+
 def verdict(base, tuned, max_insertions_rise, max_loop_rise, max_deletion_rise=None):
     """The failures of ``tuned`` against ``base`` under the limits (None: not checked)."""
-    failures = []
-    rise = tuned.insertions_per_minute - base.insertions_per_minute
-    if max_insertions_rise is not None and rise > max_insertions_rise:
-        failures.append(f"words per minute of non-speech {base.insertions_per_minute:.1f} -> "
-                        f"{tuned.insertions_per_minute:.1f} (+{rise:.1f}; gate_max_insertions_rise"
-                        f"={max_insertions_rise:g}); per clip {tuned.words}")
-    if max_loop_rise is not None and None not in (base.loop_rate, tuned.loop_rate):
-        rise = tuned.loop_rate - base.loop_rate
-        if rise > max_loop_rise:
-            failures.append(f"test hypotheses in a loop {base.loop_rate:.1f}% -> "
-                            f"{tuned.loop_rate:.1f}% (+{rise:.1f} points; gate_max_loop_rise="
-                            f"{max_loop_rise:g}), e.g. {', '.join(tuned.looped[:3])}")
-    if max_deletion_rise is not None and None not in (base.long_deletion_rate,
-                                                      tuned.long_deletion_rate):
-        rise = tuned.long_deletion_rate - base.long_deletion_rate
-        if rise > max_deletion_rise:
-            failures.append(f"words deleted on the long recording {base.long_deletion_rate:.1f}%"
-                            f" -> {tuned.long_deletion_rate:.1f}% (+{rise:.1f} points; "
-                            f"gate_max_deletion_rise={max_deletion_rise:g})")
-    return failures
+    return (_rise("words per minute of non-speech", base.insertions_per_minute,
+                  tuned.insertions_per_minute, max_insertions_rise, "gate_max_insertions_rise",
+                  detail=f"; per clip {tuned.words}")
+            + _rise("test hypotheses in a loop", base.loop_rate, tuned.loop_rate, max_loop_rise,
+                    "gate_max_loop_rise", "%", " points", f", e.g. {', '.join(tuned.looped[:3])}")
+            + _rise("words deleted on the long recording", base.long_deletion_rate,
+                    tuned.long_deletion_rate, max_deletion_rise, "gate_max_deletion_rise", "%",
+                    " points"))
 
 
 def report(base, tuned, path_stem):
