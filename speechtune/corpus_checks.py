@@ -157,12 +157,12 @@ def degenerate(stats: AudioStats, limits: DegenerateLimits):
     if stats.level_dbfs < limits.min_level_dbfs:
         return "silent_audio", (f"loudest frames at {stats.level_dbfs:.1f} dBFS, below "
                                 f"{limits.min_level_dbfs:g} (preflight_min_level_dbfs)")
+    if stats.flatness_db < limits.min_flatness_db:  # first: a full-scale tone is a tone
+        return "tonal_audio", (f"spectral flatness {stats.flatness_db:.1f} dB, below "
+                               f"{limits.min_flatness_db:g} (preflight_min_flatness_db)")
     if stats.clipped > limits.max_clipped:
         return "clipped_audio", (f"{stats.clipped:.1%} of samples at full scale, above "
                                  f"{limits.max_clipped:.1%} (preflight_max_clipped)")
-    if stats.flatness_db < limits.min_flatness_db:
-        return "tonal_audio", (f"spectral flatness {stats.flatness_db:.1f} dB, below "
-                               f"{limits.min_flatness_db:g} (preflight_min_flatness_db)")
     return None
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import soundfile as sf
 
 from speechtune.corpus_checks import DegenerateLimits, degenerate, leakage, shared_transcripts
-from speechtune.prepare.custom import describe_missing_audio
+from speechtune.prepare.custom import AUDIO_FIXES, describe_missing_audio
 
 logger = logging.getLogger(__name__)
 PARENTHESISED = re.compile(r"\(\w[^()]{0,58}\)")  # "(inaudible)": reported, not a tag by default
@@ -66,9 +66,18 @@ class Report:
 FIXES = {
     "not_in_shards": "run local/make_shards.py on this training manifest (it resumes), or point "
                      "train_shards at the shards made from it",
-    "missing_audio": "check the `wav` column and --data_folder (the manifest's $data_root)",
+    "missing_audio": "check the manifest's audio path (the `wav` column; `audio` in a manifest "
+                     "for speechtune/prepare/custom.py, relative to its folder) and data_folder "
+                     "(the yaml key $data_root stands for)",
     "unreadable_audio": "re-encode the file (16 kHz mono FLAC/WAV) or remove the row",
-    "duration_mismatch": "re-run the corpus preparation in local/ so durations come from the audio",
+    "not_an_audio_file": "name an audio file (the path is a folder, a pipe or a device)",
+    "broken_symlink": "repair the link (ln -sf TARGET LINK), or name the audio file itself",
+    "audio_name_form": AUDIO_FIXES["is not there as spelled"],
+    "audio_permission": "give the user who trains read access to the file and the folders on "
+                        "its way (chmod), or copy the audio where it can",
+    "duration_mismatch": "correct the manifest's duration column, or delete it (speechtune/"
+                         "prepare/custom.py then reads durations from the audio); a bundled "
+                         "corpus: re-run its preparation in local/",
     "too_many_labels": "check that the transcript belongs to this audio, or drop the utterance; "
                        "CTC needs one encoder frame per label (two for a repeated character)",
     "audio_too_long": "cut the recording into shorter utterances, or lower max_duration to drop "
@@ -95,6 +104,13 @@ FIXES = {
     "tonal_audio": "a constant tone, not speech: check that the file belongs to the row; lower "
                    "preflight_min_flatness_db to keep such files",
 }
+# describe_missing_audio's phrase -> problem kind (each kind has its own fix)
+PATH_KINDS = [("is empty", "empty_audio"), ("is a directory", "not_an_audio_file"),
+              ("is not a regular file", "not_an_audio_file"), ("is a symlink", "broken_symlink"),
+              ("is under a symlink loop", "broken_symlink"),
+              ("is not there as spelled", "audio_name_form"),
+              ("cannot be reached", "audio_permission"), ("is not readable", "audio_permission"),
+              ("", "missing_audio")]
 # reported in the log and the report, never fatal, never dropped
 WARNINGS = {
     "audio_cut": "valid/test utterance(s) longer than the encoder window, scored against the "
@@ -119,8 +135,7 @@ def check_audio(split, rows, duration_tolerance):
         path = row["wav"]
         why = describe_missing_audio(path)  # what the path is: missing, a folder, a loop, ...
         if why is not None:
-            kind = ("missing_audio" if "exist" in why or "missing" in why else
-                    "empty_audio" if "0 bytes" in why else "unreadable_audio")
+            kind = next(k for start, k in PATH_KINDS if why.startswith(start))
             problems.append(Problem(split, row["ID"], kind, f"{path} {why}"))
             continue
         try:
@@ -341,6 +356,25 @@ def run_preflight(splits, vocab, label_check, mode="error", max_oov_rate=0.005,
     return {split: {p.utt_id for p in problems if p.split == split} for split in splits}
 
 
+def looks_like_milliseconds(seconds, hi):
+    """A duration too long to be seconds: a hundred times ``max_duration`` or over 1000 s."""
+    return seconds > 100 * hi or seconds > 1000
+
+
+def outside_limits(outside, lo, hi):
+    """The ``outside_duration_limits`` problems of training rows ``{ID: seconds}`` outside
+    ``[lo, hi]``; a duration that looks like milliseconds says so in the report and the log."""
+    ms = [i for i, d in outside.items() if looks_like_milliseconds(d, hi)]
+    if ms:
+        logger.warning("pre-flight: %d training duration(s) look like milliseconds, e.g. %s: "
+                       "%g s; the manifest's duration column is in seconds (divide by 1000, or "
+                       "drop the column to have durations read from the audio)", len(ms),
+                       ms[0], outside[ms[0]])
+    return [Problem("train", i, "outside_duration_limits",
+                    f"{d:.3f} s, not within [{lo}, {hi}] s (min_duration, max_duration)"
+                    + ("; milliseconds?" if i in ms else "")) for i, d in sorted(outside.items())]
+
+
 def all_outside_message(durations, lo, hi):
     """The message when every training row is outside the duration limits: the limits, the
     shortest and longest duration seen, and the likely cause when they look like
@@ -348,7 +382,7 @@ def all_outside_message(durations, lo, hi):
     shortest, longest = min(durations), max(durations)
     hint = ("Durations look like milliseconds: the manifest's duration column is in seconds "
             "(divide by 1000, or drop the column to have durations read from the audio)."
-            if shortest > 100 * hi or shortest > 1000 else
+            if looks_like_milliseconds(shortest, hi) else
             "Fix: check the manifest's duration column (seconds), or set min_duration / "
             "max_duration to include them.")
     return (f"Split 'train' is empty: every one of its {len(durations)} rows is outside the "

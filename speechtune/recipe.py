@@ -26,9 +26,9 @@ from speechtune.brain import FineTuneBrain
 from speechtune.corpus_checks import DegenerateLimits, cache_path, collect_stats
 from speechtune.preflight import (
     PreflightError,
-    Problem,
     all_outside_message,
     apply_event_tags,
+    outside_limits,
     run_preflight,
 )
 from speechtune.prepare.custom import RESERVED
@@ -295,9 +295,7 @@ def build_experiment(hparams, run_opts, prepare, family=None):
             splits, chars, label_check, mode=hparams["preflight"],
             max_oov_rate=hparams["preflight_max_oov_rate"],
             report_path=Path(hparams["output_folder"]) / "preflight_report.tsv",
-            excluded=[Problem("train", i, "outside_duration_limits",
-                              f"{d:.3f} s, not within [{lo}, {hi}] s (min_duration, "
-                              "max_duration)") for i, d in sorted(outside.items())],
+            excluded=outside_limits(outside, lo, hi),
             train_audio=shards.check(train_shards, splits["train"]) if train_shards else None,
             audio_stats=stats, limits=DegenerateLimits(
                 hparams["preflight_min_level_dbfs"], hparams["preflight_max_clipped"],

@@ -53,6 +53,7 @@ from speechtune.prepare.custom import (
     ManifestError,
     columns,
     contract_rows,
+    describe_missing_audio,
     prepare_custom,
     read_rows,
 )
@@ -120,8 +121,9 @@ def corpus_manifests(corpus, out):
             f"test {len(parts['test'])} utterances (by row, not by speaker) in {out / 'data'}")
         return {s: out / "data" / f"{s}.csv" for s in SPLITS}
     if not corpus.is_dir():
-        raise RecipeError(f"--corpus {corpus} does not exist: give {MANIFEST_HELP}, or a folder "
-                          "with train.csv, valid.csv, test.csv (or .jsonl).")
+        why = describe_missing_audio(corpus) or "is not a folder or a manifest"
+        raise RecipeError(f"--corpus {corpus} {why}: give {MANIFEST_HELP}, or a folder with "
+                          "train.csv, valid.csv, test.csv (or .jsonl).")
     if (corpus / "train.tsv").is_file() and (corpus / "clips").is_dir():
         raise RecipeError(
             f"--corpus {corpus} is a CommonVoice release: no new recipe is needed, the "
@@ -492,9 +494,11 @@ def main(argv=None):
     except (RecipeError, ManifestError, PreflightError) as err:
         if made_out and out.exists():
             shutil.rmtree(out)
+        skip = " (or, to drop the bad training utterances, add --preflight skip)" if \
+            isinstance(err, PreflightError) and "--preflight=skip" in str(err) else ""
         kept = "" if made_out or not (out / "train.py").exists() else (
             f"\n(The recipe in {out} is written; fix the data, then run its train.py or this "
-            "command again with --force.)")
+            f"command again with --force{skip}.)")
         if isinstance(err, PreflightError) and report.is_file() and str(report) not in str(err):
             kept += f"\n(The pre-flight report: {report})"
         print(f"[new_recipe] error: {err}{kept}", file=sys.stderr)

@@ -191,6 +191,16 @@ def test_empty_or_unsupported_corpus(tool, capsys, tmp_path, files, message):
     assert not (tmp_path / "out").exists()  # nothing half-made is left behind
 
 
+def test_a_corpus_folder_named_in_another_unicode_form_is_named(tool, capsys, tmp_path,
+                                                                small_da):
+    """macOS writes names in NFD; typed in NFC, the folder is 'not there as spelled' and the
+    message names the one on disk (it said only 'does not exist')."""
+    on_disk = small_da.rename(tmp_path / unicodedata.normalize("NFD", "k\u00e5r"))
+    code, err = run_tool(tool, capsys, "--from", CTC, "--language", "da", "--corpus",
+                         str(tmp_path / "k\u00e5r"), "--out", str(tmp_path / "out"))
+    assert code == 2 and "is not there as spelled, but" in err and str(on_disk) in err, err
+
+
 def test_existing_out_needs_force(tool, capsys, tmp_path, small_da):
     (tmp_path / "out").mkdir()
     code, err = run_tool(tool, capsys, "--from", CTC, "--language", "da", "--corpus",
@@ -312,6 +322,8 @@ def test_a_failed_preflight_keeps_its_report_and_preflight_skip_drops_the_uttera
     proc = new_recipe(*args, check=False)
     assert proc.returncode == 2 and f"duration_mismatch: 1 utterance(s), e.g. train/{utt}" in \
         proc.stderr and "pass --preflight=skip" in proc.stderr, proc.stderr[-3000:]
+    assert "command again with --force (or, to drop the bad training utterances, add " \
+        "--preflight skip)" in proc.stderr  # a rerun needs both: the recipe is written
     report = Path(re.search(r"listed in the report (\S+preflight_report\.tsv)", proc.stderr)[1])
     assert report == out / "preflight" / "preflight_report.tsv"
     assert f"train\t{utt}\tduration_mismatch\t" in report.read_text(encoding="utf-8")

@@ -81,7 +81,8 @@ def test_each_kind_of_degenerate_audio_is_measured_and_named(tmp_path):
     kinds = {name: degenerate(audio_stats(path), DegenerateLimits())
              for name, path in paths.items()}
     assert kinds["silence"][0] == "silent_audio" and "-200.0 dBFS" in kinds["silence"][1]
-    assert kinds["tone"][0] == "clipped_audio"  # a full-scale sine sits at full scale 2.5%
+    # a full-scale sine sits at full scale 2.5% of the time, but is named for what it is
+    assert kinds["tone"][0] == "tonal_audio"
     assert kinds["dc"][0] == "silent_audio"  # a DC offset carries no sound
     assert kinds["clipped"][0] == "clipped_audio" and "of samples at full scale" in \
         kinds["clipped"][1]
@@ -271,3 +272,19 @@ def test_durations_in_milliseconds_name_the_limits_and_the_range(synthetic_subse
     assert "every one of its 24 rows is outside the duration limits [0.5, 20] s" in message
     assert f"from {lengths[0]:g} to {lengths[-1]:g} s" in message
     assert "look like milliseconds" in message
+
+
+def test_one_duration_in_milliseconds_is_named_as_such(synthetic_subset, tmp_path, caplog):
+    """One row in milliseconds among seconds: left out of training as outside the limits (as
+    before), and the log and the report now say it looks like milliseconds."""
+    def one_to_ms(rows):
+        rows[3]["duration"] = str(round(float(rows[3]["duration"]) * 1000))
+
+    rows = edit(synthetic_subset, "train", one_to_ms)
+    with caplog.at_level(logging.WARNING):
+        experiment(synthetic_subset, tmp_path / "run", min_duration=0.5, max_duration=20.0)
+    assert f"1 training duration(s) look like milliseconds, e.g. {rows[3]['ID']}: " \
+           f"{float(rows[3]['duration']):g} s" in caplog.text
+    report = (tmp_path / "run" / "preflight_report.tsv").read_text(encoding="utf-8")
+    assert f"train\t{rows[3]['ID']}\toutside_duration_limits\t" in report
+    assert "milliseconds?" in report

@@ -2,6 +2,7 @@
 
 import re
 import shutil
+import unicodedata
 
 import numpy as np
 import pytest
@@ -56,7 +57,8 @@ def test_clean_data_passes(tmp_path):
 def test_missing_audio_is_named(tmp_path):
     splits = clean_splits(tmp_path)
     splits["train"][0]["wav"] = str(tmp_path / "nope.flac")
-    with pytest.raises(PreflightError, match=r"(?s)missing_audio: 1 utt.*train/t0.*nope\.flac"):
+    with pytest.raises(PreflightError, match=r"(?s)missing_audio: 1 utt.*train/t0.*nope\.flac.*"
+                                             r"fix: check the manifest's audio path"):
         check(splits)
 
 
@@ -73,7 +75,8 @@ def test_duration_mismatch_is_named(tmp_path):
     splits = clean_splits(tmp_path)
     splits["test"][0]["duration"] = "3.0"
     with pytest.raises(PreflightError,
-                       match=r"(?s)duration_mismatch.*manifest 3\.000 s, audio 1\.000 s"):
+                       match=r"(?s)duration_mismatch.*manifest 3\.000 s, audio 1\.000 s.*fix: "
+                             r"correct the manifest's duration column, or delete it"):
         check(splits)
 
 
@@ -217,20 +220,26 @@ def test_speed_length_factors_match_speechbrains_speed_perturbation():
 
 
 def test_a_folder_an_empty_file_and_a_symlink_loop_say_what_they_are(tmp_path):
-    """Each used to read "not found" or "format not recognised"."""
+    """Each used to read "not found" or "format not recognised", and then each got the fix of
+    an undecodable file ("re-encode") or one naming an option new_recipe.py does not take."""
     (tmp_path / "folder.wav").mkdir()
     (tmp_path / "zero.wav").write_bytes(b"")
     (tmp_path / "loop.wav").symlink_to(tmp_path / "loop.wav")
     (tmp_path / "dangling.wav").symlink_to(tmp_path / "gone.wav")
-    expected = {"folder.wav": ("unreadable_audio", "is a directory"),
-                "zero.wav": ("empty_audio", "is empty (0 bytes)"),
-                "loop.wav": ("unreadable_audio", "is a symlink loop"),
-                "dangling.wav": ("missing_audio", f"is a symlink to a missing file "
-                                                  f"{tmp_path / 'gone.wav'}")}
-    for name, (kind, phrase) in expected.items():
+    shutil.copy(clean_splits(tmp_path)["test"][0]["wav"], tmp_path / unicodedata.normalize(
+        "NFD", "s\u00e5.wav"))
+    expected = {"folder.wav": ("not_an_audio_file", "is a directory", "name an audio file"),
+                "zero.wav": ("empty_audio", "is empty (0 bytes)", "the file holds no samples"),
+                "loop.wav": ("broken_symlink", "is a symlink loop", "repair the link"),
+                "dangling.wav": ("broken_symlink", f"is a symlink to a missing file "
+                                                   f"{tmp_path / 'gone.wav'}", "repair the link"),
+                "s\u00e5.wav": ("audio_name_form", "is not there as spelled",
+                                "spell the name in the manifest as the file system does")}
+    for name, (kind, phrase, fix) in expected.items():
         splits = clean_splits(tmp_path)
         splits["test"][0]["wav"] = str(tmp_path / name)
         with pytest.raises(PreflightError, match=rf"(?s){kind}: 1 utterance.*test/s0 "
                                                  rf"\({re.escape(str(tmp_path / name))} "
-                                                 rf"{re.escape(phrase)}\)"):
+                                                 rf"{re.escape(phrase)}.*fix: {fix}") as err:
             check(splits)
+        assert "re-encode" not in str(err.value) and "--data_folder" not in str(err.value)
