@@ -6,7 +6,9 @@ id (``microsoft/wavlm-large``) or a local folder in HF format. The Whisper wrapp
 ``speechtune.whisper_models``; random-init models built from a config are ``speechtune.tiny``.
 """
 
+import contextlib
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,8 @@ class SSLEncoder(Wav2Vec2):
 
     def __init__(self, source, save_path, config_overrides=None, attention="sdpa", **kwargs):
         object.__setattr__(self, "_config_overrides", dict(config_overrides or {}))
-        super().__init__(source, save_path, **kwargs)
+        with quiet_speechbrain_init():
+            super().__init__(source, save_path, **kwargs)
         self.source, self.save_path = str(source), str(save_path)
         # transformers' rule: models trained without attention masks (wav2vec2-base/large-960h:
         # group-norm CNN, `return_attention_mask: false`) get zero-padded input (the batch's
@@ -107,6 +110,17 @@ class SSLEncoder(Wav2Vec2):
         """Number of encoder frames for ``num_samples`` input samples (the CNN's arithmetic)."""
         n = self.model._get_feat_extract_output_lengths(torch.tensor(num_samples))
         return int(n)
+
+
+@contextlib.contextmanager
+def quiet_speechbrain_init():
+    """SpeechBrain's Hugging Face wrappers call ``gradient_checkpointing_disable``, which
+    transformers 5.25 deprecates with a FutureWarning on every run: a warning no user of ours
+    can act on, silenced here (and only it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`gradient_checkpointing_disable` is "
+                                "deprecated", category=FutureWarning)
+        yield
 
 
 def apply_config_overrides(config, overrides):

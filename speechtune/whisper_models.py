@@ -28,7 +28,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhi
 from transformers.models.whisper.modeling_whisper import WhisperPreTrainedModel
 
 from speechtune import packaged
-from speechtune.models import apply_config_overrides
+from speechtune.models import apply_config_overrides, quiet_speechbrain_init
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ class Whisper(SBWhisper):
     def __init__(self, source, save_path, *args, window_seconds=None, config_overrides=None,
                  **kwargs):
         object.__setattr__(self, "_config_overrides", dict(config_overrides or {}))
-        super().__init__(packaged.resolve(source), save_path, *args, **kwargs)
+        with quiet_speechbrain_init():
+            super().__init__(packaged.resolve(source), save_path, *args, **kwargs)
         self.source = str(source)
         self.model_window_seconds = self.window_seconds  # the window the model was trained on
         if window_seconds is not None and window_seconds != self.window_seconds:
