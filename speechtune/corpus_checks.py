@@ -8,6 +8,8 @@
 - **Degenerate training audio**: digital silence or a near-silent recording, heavily clipped
   speech, and constant signals (a tone, a DC offset) under a normal transcript teach the model
   to write words for no speech.
+- **Duration limits**: training rows outside ``min_duration``/``max_duration`` are listed, and
+  durations that look like milliseconds (the column is in seconds) are named as such.
 
 ``audio_stats`` decodes a file once for both: a hash of its samples (16-bit, mono, with the
 sample rate) and three measures, each against a yaml threshold:
@@ -31,6 +33,7 @@ decodes only new or changed files.
 
 import csv
 import hashlib
+import logging
 import math
 import os
 from collections import defaultdict
@@ -41,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+logger = logging.getLogger(__name__)
 FRAME_SECONDS = 0.025  # frames of 25 ms every 10 ms, at the file's own rate
 BAND = (50.0, 4000.0)  # Hz: the flatness band, which any speech recording fills (telephone too)
 FULL_SCALE = 0.999
@@ -225,3 +229,39 @@ def shared_transcripts(splits):
                 more = f" and {len(same) - 1} more" if len(same) > 1 else ""
                 found.append((split, row["ID"], f"the transcript of train/{same[0]}{more}"))
     return found
+
+
+# ------------------------------------------------------------------ duration limits
+def looks_like_milliseconds(seconds, hi):
+    """A duration too long to be seconds: a hundred times ``max_duration`` or over 1000 s."""
+    return seconds > 100 * hi or seconds > 1000
+
+
+def outside_limits(outside, lo, hi):
+    """The ``outside_duration_limits`` problems, ``[(split, ID, kind, detail)]``, of training
+    rows ``{ID: seconds}`` outside ``[lo, hi]``; a duration that looks like milliseconds says so
+    in the report and the log."""
+    ms = [i for i, d in outside.items() if looks_like_milliseconds(d, hi)]
+    if ms:
+        logger.warning("pre-flight: %d training duration(s) look like milliseconds, e.g. %s: "
+                       "%g s; the manifest's duration column is in seconds (divide by 1000, or "
+                       "drop the column to have durations read from the audio)", len(ms),
+                       ms[0], outside[ms[0]])
+    return [("train", i, "outside_duration_limits",
+             f"{d:.3f} s, not within [{lo}, {hi}] s (min_duration, max_duration)"
+             + ("; milliseconds?" if i in ms else "")) for i, d in sorted(outside.items())]
+
+
+def all_outside_message(durations, lo, hi):
+    """The message when every training row is outside the duration limits: the limits, the
+    shortest and longest duration seen, and the likely cause when they look like
+    milliseconds."""
+    shortest, longest = min(durations), max(durations)
+    hint = ("Durations look like milliseconds: the manifest's duration column is in seconds "
+            "(divide by 1000, or drop the column to have durations read from the audio)."
+            if looks_like_milliseconds(shortest, hi) else
+            "Fix: check the manifest's duration column (seconds), or set min_duration / "
+            "max_duration to include them.")
+    return (f"Split 'train' is empty: every one of its {len(durations)} rows is outside the "
+            f"duration limits [{lo:g}, {hi:g}] s (min_duration, max_duration); its durations "
+            f"run from {shortest:g} to {longest:g} s. {hint}")

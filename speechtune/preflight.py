@@ -356,40 +356,6 @@ def run_preflight(splits, vocab, label_check, mode="error", max_oov_rate=0.005,
     return {split: {p.utt_id for p in problems if p.split == split} for split in splits}
 
 
-def looks_like_milliseconds(seconds, hi):
-    """A duration too long to be seconds: a hundred times ``max_duration`` or over 1000 s."""
-    return seconds > 100 * hi or seconds > 1000
-
-
-def outside_limits(outside, lo, hi):
-    """The ``outside_duration_limits`` problems of training rows ``{ID: seconds}`` outside
-    ``[lo, hi]``; a duration that looks like milliseconds says so in the report and the log."""
-    ms = [i for i, d in outside.items() if looks_like_milliseconds(d, hi)]
-    if ms:
-        logger.warning("pre-flight: %d training duration(s) look like milliseconds, e.g. %s: "
-                       "%g s; the manifest's duration column is in seconds (divide by 1000, or "
-                       "drop the column to have durations read from the audio)", len(ms),
-                       ms[0], outside[ms[0]])
-    return [Problem("train", i, "outside_duration_limits",
-                    f"{d:.3f} s, not within [{lo}, {hi}] s (min_duration, max_duration)"
-                    + ("; milliseconds?" if i in ms else "")) for i, d in sorted(outside.items())]
-
-
-def all_outside_message(durations, lo, hi):
-    """The message when every training row is outside the duration limits: the limits, the
-    shortest and longest duration seen, and the likely cause when they look like
-    milliseconds."""
-    shortest, longest = min(durations), max(durations)
-    hint = ("Durations look like milliseconds: the manifest's duration column is in seconds "
-            "(divide by 1000, or drop the column to have durations read from the audio)."
-            if looks_like_milliseconds(shortest, hi) else
-            "Fix: check the manifest's duration column (seconds), or set min_duration / "
-            "max_duration to include them.")
-    return (f"Split 'train' is empty: every one of its {len(durations)} rows is outside the "
-            f"duration limits [{lo:g}, {hi:g}] s (min_duration, max_duration); its durations "
-            f"run from {shortest:g} to {longest:g} s. {hint}")
-
-
 def apply_event_tags(tags, rows, languages):
     """Drop, keep or map the event tags of every transcript (``tags``: a
     ``speechtune.text.EventTags`` from the yaml's ``event_tags`` keys) before the family

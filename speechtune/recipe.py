@@ -23,14 +23,14 @@ from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_pr
 
 from speechtune import data, families, gate, mixing, shards
 from speechtune.brain import FineTuneBrain
-from speechtune.corpus_checks import DegenerateLimits, cache_path, collect_stats
-from speechtune.preflight import (
-    PreflightError,
+from speechtune.corpus_checks import (
+    DegenerateLimits,
     all_outside_message,
-    apply_event_tags,
+    cache_path,
+    collect_stats,
     outside_limits,
-    run_preflight,
 )
+from speechtune.preflight import PreflightError, Problem, apply_event_tags, run_preflight
 from speechtune.prepare.custom import RESERVED
 from speechtune.retain import RetainGuard, base_scores, read_retain_sets, replay_rows
 from speechtune.text import EventTags
@@ -295,7 +295,7 @@ def build_experiment(hparams, run_opts, prepare, family=None):
             splits, chars, label_check, mode=hparams["preflight"],
             max_oov_rate=hparams["preflight_max_oov_rate"],
             report_path=Path(hparams["output_folder"]) / "preflight_report.tsv",
-            excluded=outside_limits(outside, lo, hi),
+            excluded=[Problem(*found) for found in outside_limits(outside, lo, hi)],
             train_audio=shards.check(train_shards, splits["train"]) if train_shards else None,
             audio_stats=stats, limits=DegenerateLimits(
                 hparams["preflight_min_level_dbfs"], hparams["preflight_max_clipped"],
