@@ -8,9 +8,10 @@ export (``speechtune.ctc_export``) and its tools' model builder. Keys read here 
 ones (``hparams/ctc.yaml`` declares them all): ``model`` (the encoder's source), ``encoder`` (the
 encoder wrapper, built with that source), ``head``; ``augmenter`` (``null`` = no augmentation);
 ``optim`` groups ``encoder`` and ``head``; ``blank_index``; ``speeds``; ``vocabulary`` and
-``target_case`` (below); the decoding keys of ``speechtune.ctc_decoding``; ``lora``, ``lora_*``
-and ``gradient_checkpointing`` (``speechtune.adapters``: LoRA in the encoder's transformer layers;
-the head always trains whole).
+``target_case`` (below); ``bucket_ratio`` (``speechtune.buckets``); the decoding keys of
+``speechtune.ctc_decoding``; ``lora``, ``lora_*`` and ``gradient_checkpointing``
+(``speechtune.adapters``: LoRA in the encoder's transformer layers; the head always trains
+whole).
 
 ``vocabulary: new`` builds a character vocabulary from the normalised training text and a new
 linear head. ``vocabulary: pretrained`` keeps a CTC fine-tuned model's own vocabulary and
@@ -29,7 +30,7 @@ from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.utils.distributed import ddp_broadcast, run_on_main
 from transformers import AutoModelForCTC
 
-from speechtune import adapters, data, tiny
+from speechtune import adapters, buckets, data, tiny
 from speechtune.brain import FineTuneBrain
 from speechtune.ctc_decoding import GreedyDecoder, build_test_decoder, check_decoding
 from speechtune.ctc_export import export_ctc
@@ -66,14 +67,32 @@ class CTCBrain(FineTuneBrain):
             wavs, wav_lens = self.augment(wavs, wav_lens)
         frozen = stage != sb.Stage.TRAIN or self.encoder_frozen
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            feats = self.modules.encoder(wavs, wav_lens)
+            feats, frames = self.encode(wavs, wav_lens)
         logits = self.modules.head(feats)
-        log_probs = logits.float().log_softmax(dim=-1)
+        log_probs = logits.float().log_softmax(dim=-1)[:, :frames]  # bucket padding cut off
         hyps = None
         if stage != sb.Stage.TRAIN:
             decoder = self.test_decoder if stage == sb.Stage.TEST else self.valid_decoder
             hyps = decoder(log_probs, wav_lens)
         return log_probs, wav_lens, hyps
+
+    def encode(self, wavs, wav_lens):
+        """The encoder's features and the number of them that belong to the batch (None: all).
+
+        With ``bucket_ratio`` the batch is padded to its bucket length (``speechtune.buckets``)
+        and the features of the unpadded batch's frames come first: the encoder masks the
+        padding. The head runs on all of them (one shape per bucket for a compiled head too);
+        ``compute_forward`` cuts its output back."""
+        ratio = self.hparams.bucket_ratio
+        if ratio is None:
+            return self.modules.encoder(wavs, wav_lens), None
+        padded, padded_lens = buckets.pad(wavs, wav_lens, self.hparams.sample_rate, ratio)
+        if self.compile:
+            buckets.mark_batch_dynamic(padded, padded_lens)
+        feats = self.modules.encoder(padded, padded_lens)
+        if self.compile:
+            buckets.mark_batch_dynamic(feats)
+        return feats, self._own_modules["encoder"].output_frames(wavs.shape[1])
 
     def compute_objectives(self, predictions, batch, stage):
         """CTC loss in fp32 outside autocast; WER/CER in valid/test."""
@@ -182,10 +201,15 @@ class CTCFamily(Family):
 
     def configure(self, brain):
         """Give the Brain the vocabulary and its validation decoder (greedy: cheap); check the
-        test decoding keys now rather than after training."""
+        test decoding keys now rather than after training, and ``bucket_ratio`` against the
+        encoder."""
         brain.tokenizer = self.tokenizer
         brain.valid_decoder = GreedyDecoder(self.tokenizer, self.hparams["blank_index"])
         check_decoding(self.hparams)
+        if buckets.check_ratio(self.hparams["bucket_ratio"]) is not None:
+            buckets.check_encoder(self.encoder)
+            if brain.compile:
+                buckets.allow_recompiles()
 
     def inference_settings(self):
         """What an exported model needs besides its weights (``tools/checkpoints.py export``)."""

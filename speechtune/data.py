@@ -17,6 +17,8 @@ import torchaudio
 from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
+from speechtune import buckets
+
 REQUIRED_COLUMNS = ("ID", "duration", "wav", "spk_id", "wrd")
 
 
@@ -179,15 +181,28 @@ def pretrained_char_vocab(labels, blank_id, word_delimiter, unk, path) -> CTCTex
     return encoder
 
 
-def dynamic_batch_sampler(dataset, max_batch_seconds, num_buckets, shuffle, seed, max_batch_ex):
-    """SpeechBrain's duration-budget sampler: each batch holds at most ``max_batch_seconds``."""
+def dynamic_batch_sampler(dataset, max_batch_seconds, num_buckets, shuffle, seed, max_batch_ex,
+                          bucket_ratio=None):
+    """SpeechBrain's duration-budget sampler: each batch holds at most ``max_batch_seconds``;
+    with ``bucket_ratio``, counted at the padded length (``speechtune.buckets``: the ladder's
+    rungs are its buckets), else in ``num_buckets`` buckets SpeechBrain places."""
     return DynamicBatchSampler(
         dataset,
         max_batch_length=max_batch_seconds,
-        num_buckets=num_buckets,
+        **bucketing([float(dataset.data[i]["duration"]) for i in dataset.data_ids],
+                    num_buckets, bucket_ratio),
         length_func=lambda x: x["duration"],
         shuffle=shuffle,
         batch_ordering="random" if shuffle else "ascending",
         max_batch_ex=max_batch_ex,
         seed=seed,
     )
+
+
+def bucketing(durations, num_buckets, bucket_ratio):
+    """``DynamicBatchSampler``'s bucket arguments: ``bucket_ratio``'s ladder from the shortest
+    to the longest of ``durations`` (``speechtune.buckets.boundaries``), else ``num_buckets``."""
+    if bucket_ratio is None or not durations:
+        return {"num_buckets": num_buckets}
+    return {"num_buckets": None, "bucket_boundaries": buckets.boundaries(
+        max(durations), bucket_ratio, shortest=min(durations))}

@@ -188,10 +188,12 @@ class MixtureBatchSampler(torch.utils.data.Sampler):
     """Batches of dataset indices drawn by corpus weight, a fixed number per epoch (module
     docstring). ``corpus_of``: each dataset index's corpus; ``durations``: its seconds;
     ``weights``: ``{corpus: relative weight}``; ``max_batch_seconds`` set: duration-budget
-    batches (``num_buckets``, ``max_batch_ex``), else ``batch_size`` per batch."""
+    batches (``num_buckets`` or ``bucket_ratio``, ``max_batch_ex``), else ``batch_size`` per
+    batch."""
 
     def __init__(self, corpus_of, durations, weights, epoch_utterances, seed, batch_size=None,
-                 max_batch_seconds=None, num_buckets=None, max_batch_ex=None):
+                 max_batch_seconds=None, num_buckets=None, max_batch_ex=None,
+                 bucket_ratio=None):
         self.names = list(weights)
         total = sum(weights.values())
         self.probabilities = np.array([weights[n] / total for n in self.names])
@@ -209,6 +211,7 @@ class MixtureBatchSampler(torch.utils.data.Sampler):
         self.epoch_utterances, self.seed = epoch_utterances, int(seed)
         self.batch_size, self.max_batch_seconds = batch_size, max_batch_seconds
         self.num_buckets, self.max_batch_ex = num_buckets, max_batch_ex
+        self.bucket_ratio = bucket_ratio
         self.epoch, self.length = 0, None
         self.batches = self._epoch_batches(0)
         self.length = len(self.batches)
@@ -230,9 +233,11 @@ class MixtureBatchSampler(torch.utils.data.Sampler):
         if self.max_batch_seconds is None:
             return [indices[i:i + self.batch_size]
                     for i in range(0, len(indices), self.batch_size)]
+        lengths = [self.durations[i] for i in indices]
         sampler = DynamicBatchSampler(
-            indices, max_batch_length=self.max_batch_seconds, num_buckets=self.num_buckets,
-            lengths_list=[self.durations[i] for i in indices], shuffle=True,
+            indices, max_batch_length=self.max_batch_seconds,
+            **data.bucketing(lengths, self.num_buckets, self.bucket_ratio),
+            lengths_list=lengths, shuffle=True,
             batch_ordering="random", max_batch_ex=self.max_batch_ex, seed=seed)
         return [[indices[position] for position in batch] for batch in sampler]
 
@@ -273,7 +278,8 @@ def batch_sampler(dataset, hparams):
         [r["corpus"] for r in rows], [r["duration"] for r in rows], weights,
         len(rows) if size is None else size, hparams["seed"], batch_size=hparams["batch_size"],
         max_batch_seconds=hparams["max_batch_seconds"] if hparams["dynamic_batching"] else None,
-        num_buckets=hparams["num_buckets"], max_batch_ex=hparams["max_batch_utterances"])
+        num_buckets=hparams["num_buckets"], max_batch_ex=hparams["max_batch_utterances"],
+        bucket_ratio=hparams.get("bucket_ratio"))
     counts = {n: len(m) for n, m in zip(sampler.names, sampler.members, strict=True)}
     logger.info("mixture: %d utterances drawn per epoch in %d batches from %s", sampler
                 .epoch_utterances, len(sampler), ", ".join(

@@ -65,20 +65,28 @@ class SSLEncoder(Wav2Vec2):
         return config
 
     def extract_features(self, wav, wav_lens=None):
-        """SpeechBrain's forward with each utterance normalised over its own samples.
+        """SpeechBrain's forward with each utterance normalised over its own samples, and the
+        padding mask built at the batch's padded length.
 
         SpeechBrain layer-norms every row of the padded batch, padding included, so an
         utterance's features depended on the longest utterance it was batched with, and differed
         from transformers' feature extractor (per utterance, zero mean and unit variance over its
-        true length, padding 0) that an exported model meets at inference.
+        true length, padding 0) that an exported model meets at inference. Its mask was as long
+        as the longest utterance, found with ``.item()``: a host sync in every step and, under
+        ``torch.compile``, a graph break and a recompile for every new longest length.
         """
         if self.normalize_wav:
             wav = normalize_per_utterance(wav, wav_lens)
-        normalize, self.normalize_wav = self.normalize_wav, False
-        try:
-            return super().extract_features(wav, wav_lens if self.use_attention_mask else None)
-        finally:
-            self.normalize_wav = normalize
+        mask = None
+        if self.use_attention_mask and wav_lens is not None:
+            positions = torch.arange(wav.shape[1], device=wav.device)
+            mask = positions[None, :] < torch.round(wav_lens * wav.shape[1])[:, None]
+        out = self.model(wav, attention_mask=mask, output_hidden_states=self.output_all_hiddens)
+        if self.output_all_hiddens:
+            out = torch.stack(list(out.hidden_states), dim=0)
+            return F.layer_norm(out, out.shape[-2:]) if self.output_norm else out
+        out = out.last_hidden_state
+        return F.layer_norm(out, out.shape[1:]) if self.output_norm else out
 
     def pretrained_ctc(self):
         """The source model's own CTC vocabulary and head: ``(labels in id order, blank id,

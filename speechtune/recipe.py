@@ -163,7 +163,8 @@ def _loader_kwargs(hparams, dataset, stage):
     if stage == "train" and hparams["dynamic_batching"]:
         sampler = data.dynamic_batch_sampler(
             dataset, hparams["max_batch_seconds"], hparams["num_buckets"], shuffle=True,
-            seed=hparams["seed"], max_batch_ex=hparams["max_batch_utterances"])
+            seed=hparams["seed"], max_batch_ex=hparams["max_batch_utterances"],
+            bucket_ratio=hparams.get("bucket_ratio"))  # a CTC key (hparams/ctc.yaml)
         return {"batch_sampler": sampler, "num_workers": hparams["num_workers"]}
     size = hparams["batch_size"] if stage == "train" else hparams["eval_batch_size"]
     return {"batch_size": size, "shuffle": stage == "train", "num_workers": hparams["num_workers"]}

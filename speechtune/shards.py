@@ -41,6 +41,7 @@ from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 from torch.utils.data import DataLoader, IterableDataset
 
+from speechtune import buckets
 from speechtune.preflight import Problem
 
 logger = logging.getLogger(__name__)
@@ -140,16 +141,18 @@ def check(shards, rows, duration_tolerance=0.1):
 
 
 # ---------------------------------------------------------------- the epoch plan
-def cut_batches(window, max_seconds, max_utterances, batch_size):
+def cut_batches(window, max_seconds, max_utterances, batch_size, bucket_ratio=None):
     """``window`` (``(id, seconds)`` sorted by seconds) cut into batches: at most
-    ``max_seconds`` padded seconds and ``max_utterances`` each, or ``batch_size`` each when
+    ``max_seconds`` padded seconds (with ``bucket_ratio``, at the batch's bucket length,
+    ``speechtune.buckets``) and ``max_utterances`` each, or ``batch_size`` each when
     ``max_seconds`` is None."""
     if max_seconds is None:
         return [[u for u, _ in window[k:k + batch_size]] for k in range(0, len(window),
                                                                         batch_size)]
     batches, current = [], []
     for utt, seconds in window:
-        if current and ((len(current) + 1) * seconds > max_seconds
+        padded = buckets.bucket_seconds(seconds, bucket_ratio) if bucket_ratio else seconds
+        if current and ((len(current) + 1) * padded > max_seconds
                         or (max_utterances and len(current) + 1 > max_utterances)):
             batches.append(current)
             current = []
@@ -326,7 +329,7 @@ def train_loader(hparams, dataset, shards, checkpointer):
     on = dist.is_available() and dist.is_initialized()
     batching = {"max_seconds": hparams["max_batch_seconds"] if hparams["dynamic_batching"]
                 else None, "max_utterances": hparams["max_batch_utterances"],
-                "batch_size": hparams["batch_size"]}
+                "batch_size": hparams["batch_size"], "bucket_ratio": hparams.get("bucket_ratio")}
     loader = ShardLoader(shards, dataset, hparams["epoch_counter"], hparams["seed"], batching,
                          hparams["num_workers"], dist.get_rank() if on else 0,
                          dist.get_world_size() if on else 1)
