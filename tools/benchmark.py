@@ -45,8 +45,10 @@ import soundfile as sf
 import speechbrain as sb
 import torch
 import yaml
+from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
+from speechtune import buckets
 from speechtune.data import Manifests, write_manifest
 from speechtune.recipe import build_experiment, load_hparams, yaml_family
 
@@ -94,6 +96,15 @@ VARIANTS = {
     "sdpa+compile": ({"attention": "sdpa"}, {"compile": True}),
     "sdpa+compile-dynamic": ({"attention": "sdpa"}, {
         "compile": True, "compile_using_dynamic_shape_tracing": True}),
+    # batches padded to the lengths 1.25**k s (speechtune.buckets): one compile per length
+    "sdpa+buckets": ({"attention": "sdpa", "bucket_ratio": 1.25}, {}),
+    "sdpa+compile+buckets": ({"attention": "sdpa", "bucket_ratio": 1.25}, {"compile": True}),
+    # torch's automatic dynamic shapes (dynamic=None): a dimension seen with two sizes is
+    # compiled symbolic from then on (SpeechBrain's default, False, specialises every size)
+    "sdpa+compile-auto": ({"attention": "sdpa"}, {
+        "compile": True, "compile_using_dynamic_shape_tracing": None}),
+    "sdpa+compile-auto+buckets": ({"attention": "sdpa", "bucket_ratio": 1.25}, {
+        "compile": True, "compile_using_dynamic_shape_tracing": None}),
     "recipe": ({}, {}),
     "recipe+compile": ({}, {"compile": True}),
     "cache": ({"encoder_cache": "memory"}, {}),
@@ -102,6 +113,7 @@ VARIANTS = {
     "gc": ({"gradient_checkpointing": True}, {}),
     "lora+gc": ({"lora": FAMILY_LORA, "gradient_checkpointing": True}, {}),
 }
+RECOMPILE_LIMIT = torch._dynamo.config.recompile_limit  # torch's default
 # dense bf16 peak (no sparsity) by device name, for MFU
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
               ("L40S", 362e12), ("A10", 125e12)]
@@ -195,9 +207,13 @@ def speech_seconds(batch):
     return float(sum(batch.duration))
 
 
-def padding_fraction(batch):
-    """Share of the batch's samples that are padding (SpeechBrain relative lengths)."""
-    return 1.0 - float(batch.sig[1].mean())
+def padding_fraction(batch, bucket_ratio=None, sample_rate=16000):
+    """Share of the batch's samples that are padding (SpeechBrain relative lengths), at its
+    bucket length with ``bucket_ratio`` (``speechtune.buckets``: the encoder's input)."""
+    length = batch.sig[0].shape[1]
+    padded = length if bucket_ratio is None else \
+        buckets.bucket_samples(length, sample_rate, bucket_ratio)
+    return 1.0 - float(batch.sig[1].mean()) * length / padded
 
 
 def count_flops(step, batch):
@@ -330,12 +346,16 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
     exp = experiment_for(args, yaml_path, {**base_overrides(args, family, model_dir),
                                            **args.set, **overrides}, run_opts, out)
     batches = train_batches(exp, n + 1)  # + 1: the FLOP-counting step
+    hp = exp.brain.hparams
+
+    def padding(batch):
+        return padding_fraction(batch, getattr(hp, "bucket_ratio", None), hp.sample_rate)
     row = {"run": args.run_id, "model": args.model, "variant": variant, "set": args.set,
            "device": device_name(args.device), "data": args.data, "steps": args.steps,
            "utterances_per_batch": sum(len(b.id) for b in batches[1:]) / n,
            "speech_s_per_batch": sum(map(speech_seconds, batches[1:])) / n,
-           "padding_mean": float(np.mean([padding_fraction(b) for b in batches[1:]])),
-           "padding_max": max(padding_fraction(b) for b in batches[1:])}
+           "padding_mean": float(np.mean([padding(b) for b in batches[1:]])),
+           "padding_max": max(padding(b) for b in batches[1:])}
     counted = batches[0]
     if variant == "hf":
         step, inputs, row["attention"], model = hf_step_fn(exp, args)
@@ -350,11 +370,17 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
                           Path(args.out) / f"profile_{args.model}_{variant}.txt")
         del model, prepared
     else:
+        torch._dynamo.reset()  # this variant's compiles only, counted from zero
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT  # bucket_ratio raises it
+        counters.clear()
         step = recipe_step_fn(exp)
         if "encoder_cache" in overrides:
             timed(step, batches[1:], 0, args.device)  # the first epoch fills the cache
             counted = batches[1]  # count a step that reads the cache, like the timed ones
         flops = None if run_opts.get("compile") else count_flops(step, counted)
+        if run_opts.get("compile"):  # an untimed pass compiles every shape of these batches
+            row["first_pass_s"] = timed(step, batches[1:], 0, args.device)[0]
+            row["graphs"] = counters["stats"]["unique_graphs"]  # each graph break adds one
         # the live loader feeds the timed pass, as in training (same batches, same order)
         seconds, speech, warm, done = timed(step, itertools.islice(train_loader(exp), 1, n + 1),
                                             args.warmup, args.device)
@@ -363,6 +389,8 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
                           Path(args.out) / f"profile_{args.model}_{variant}.txt")
         row["attention"] = overrides.get("attention", "-")
         row["compile"] = bool(run_opts.get("compile"))
+        if row["compile"]:  # graphs compiled in the timed pass: shapes the first pass lacked
+            row["timed_graphs"] = counters["stats"]["unique_graphs"] - row["graphs"]
         row["loader_speech_s_per_s"] = loader_throughput(exp, n)
     timed_batches = done
     row["audio_s_per_s"] = speech / seconds
@@ -392,7 +420,8 @@ def device_name(device):
 COLUMNS = [("model", "{}"), ("variant", "{}"), ("device", "{}"), ("data", "{}"),
            ("speech_s_per_batch", "{:.0f}"), ("audio_s_per_s", "{:.1f}"), ("vs_hf", "{:.2f}x"),
            ("step_ms", "{:.0f}"), ("tflops", "{:.1f}"), ("mfu", "{:.1%}"), ("peak_gib", "{:.1f}"),
-           ("padding_mean", "{:.1%}"), ("loader_ratio", "{:.1f}x"), ("warmup_s", "{:.1f}")]
+           ("padding_mean", "{:.1%}"), ("loader_ratio", "{:.1f}x"), ("warmup_s", "{:.1f}"),
+           ("graphs", "{}"), ("first_pass_s", "{:.1f}"), ("timed_graphs", "{}")]
 
 
 def markdown(rows):
