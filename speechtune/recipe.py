@@ -18,6 +18,7 @@ from pathlib import Path
 
 import ruamel.yaml
 import speechbrain as sb
+import torch
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
@@ -367,4 +368,10 @@ def run(argv, prepare, family=None):
         text = gate.check(experiment, hparams, base)[2]
         if sb.utils.distributed.if_main_process():
             print(f"[speechtune] robustness gate ({hparams['output_folder']}/gate.md):\n{text}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # nothing else does it: a process left with the group's threads at interpreter exit
+        # now and then aborted ("terminate called without an active exception") after all
+        # its work was written, failing torchrun's exit code
+        ddp_barrier()
+        torch.distributed.destroy_process_group()
     return experiment, results
