@@ -18,8 +18,12 @@ lengths from 0.5 to 30 s fall on 20 rungs. Where it is used:
   padding (attention mask, padded frames zeroed before the positional convolution; models
   without an attention mask are refused, ``check_encoder``).
 
-The batch dimension is left to vary: ``mark_batch_dynamic`` tells the compiler so, and the
-compile count stays at one per rung used.
+The batch dimension is left to vary: ``mark_batch_dynamic`` tells the compiler so. In eval mode
+that keeps one graph per rung used. In training, transformers' WavLM breaks the graph (its CNN
+sets ``requires_grad`` on its input when the CNN trains; SpecAugment masks in numpy), and the
+frames after a break get tensors the mark does not reach: they recompile per batch size unless
+torch's automatic dynamic shapes are on (``compile_using_dynamic_shape_tracing: null``, the
+fewest compiles measured, ``docs/performance.md``).
 """
 
 import math
