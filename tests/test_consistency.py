@@ -11,7 +11,8 @@ READMES = sorted(p for p in REPO.rglob("README.md")  # not in .venv, .pytest_cac
                             for part in p.relative_to(REPO).parts))
 DOCS = sorted((REPO / "docs").glob("*.md"))
 ROOTS = ("recipes/", "speechtune/", "local/", "tools/", "hparams/", "tests/", ".ci/")
-RUN_OUTPUTS = {"hyperparams.yaml", "CKPT.yaml", "lm_weights.yaml"}  # a run writes these, not the repository
+# a run writes these, not the repository
+RUN_OUTPUTS = {"hyperparams.yaml", "CKPT.yaml", "lm_weights.yaml"}
 PATHLIKE = re.compile(r"^[\w.\-/+]+$")
 
 
