@@ -53,6 +53,8 @@ import soundfile as sf
 import torch
 from speechbrain.augment.time_domain import AddNoise, AddReverb
 
+from speechtune import data
+
 SAMPLE_RATE = 16000
 HEADER = ["ID", "duration", "wav", "wav_format", "wav_opts"]
 KINDS = ("white", "pink", "brown", "hum", "babble")
@@ -107,13 +109,8 @@ def rir(rng, rt60, gap_ms, drr_db):
 
 def read_speech(corpus, manifests):
     """The audio of the corpus utterances in ``manifests`` (``$data_root`` is ``corpus``)."""
-    clips = []
-    for name in manifests:
-        with open(corpus / name, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                path = row["wav"].replace("$data_root", str(corpus))
-                clips.append(sf.read(path, dtype="float64")[0])
-    return clips
+    return [sf.read(row["wav"], dtype="float64")[0] for name in manifests
+            for row in data.read_manifest(corpus / name, corpus).values()]
 
 
 def write_rows(path, rows):

@@ -100,16 +100,22 @@ def read_manifest(path: str | Path, data_root: str) -> dict[str, dict]:
     return rows
 
 
-def write_manifest(path, rows, header) -> Path:
+def write_manifest(path, rows, header, only_if_changed=False) -> Path:
     """Write manifest ``rows`` (dicts) as a CSV with columns ``header``, atomically: an
-    interrupted write never leaves a manifest that looks finished."""
+    interrupted write never leaves a manifest that looks finished. ``only_if_changed``: leave a
+    file that already holds exactly this text alone (a preparation that every DDP process runs
+    again then writes nothing)."""
     path = Path(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(header))
+    writer.writeheader()
+    writer.writerows(rows)
+    content = text.getvalue().encode("utf-8")
+    if only_if_changed and path.is_file() and path.read_bytes() == content:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(header))
-        writer.writeheader()
-        writer.writerows(rows)
+    tmp.write_bytes(content)
     tmp.replace(path)
     return path
 
@@ -189,8 +195,8 @@ def dynamic_batch_sampler(dataset, max_batch_seconds, num_buckets, shuffle, seed
     return DynamicBatchSampler(
         dataset,
         max_batch_length=max_batch_seconds,
-        **bucketing([float(dataset.data[i]["duration"]) for i in dataset.data_ids],
-                    num_buckets, bucket_ratio),
+        **bucketing([float(dataset.data[i]["duration"]) for i in dataset.data_ids]
+                    if bucket_ratio else [], num_buckets, bucket_ratio),
         length_func=lambda x: x["duration"],
         shuffle=shuffle,
         batch_ordering="random" if shuffle else "ascending",

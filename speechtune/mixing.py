@@ -42,8 +42,6 @@ the first ones of its shuffled batches (every utterance equally likely dropped),
 fewer draws N more and adds their batches.
 """
 
-import csv
-import io
 import logging
 import re
 from dataclasses import dataclass
@@ -175,13 +173,7 @@ def _write(path, rows):
     on the main process, then again on every process to find the manifests)."""
     header = list(data.REQUIRED_COLUMNS) + sorted({c for r in rows for c in r}
                                                   - set(data.REQUIRED_COLUMNS))
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=header)
-    writer.writeheader()
-    writer.writerows(rows)
-    if not (path.is_file() and path.read_bytes() == text.getvalue().encode("utf-8")):
-        data.write_manifest(path, rows, header)
-    return str(path)
+    return str(data.write_manifest(path, rows, header, only_if_changed=True))
 
 
 class MixtureBatchSampler(torch.utils.data.Sampler):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import soundfile as sf
 
 from speechtune.corpus_checks import DegenerateLimits, degenerate, leakage, shared_transcripts
-from speechtune.prepare.custom import AUDIO_FIXES, describe_missing_audio
+from speechtune.prepare.custom import AUDIO_FIXES, describe_missing_audio, path_problem_kind
 
 logger = logging.getLogger(__name__)
 PARENTHESISED = re.compile(r"\(\w[^()]{0,58}\)")  # "(inaudible)": reported, not a tag by default
@@ -104,13 +104,6 @@ FIXES = {
     "tonal_audio": "a constant tone, not speech: check that the file belongs to the row; lower "
                    "preflight_min_flatness_db to keep such files",
 }
-# describe_missing_audio's phrase -> problem kind (each kind has its own fix)
-PATH_KINDS = [("is empty", "empty_audio"), ("is a directory", "not_an_audio_file"),
-              ("is not a regular file", "not_an_audio_file"), ("is a symlink", "broken_symlink"),
-              ("is under a symlink loop", "broken_symlink"),
-              ("is not there as spelled", "audio_name_form"),
-              ("cannot be reached", "audio_permission"), ("is not readable", "audio_permission"),
-              ("", "missing_audio")]
 # reported in the log and the report, never fatal, never dropped
 WARNINGS = {
     "audio_cut": "valid/test utterance(s) longer than the encoder window, scored against the "
@@ -135,7 +128,7 @@ def check_audio(split, rows, duration_tolerance):
         path = row["wav"]
         why = describe_missing_audio(path)  # what the path is: missing, a folder, a loop, ...
         if why is not None:
-            kind = next(k for start, k in PATH_KINDS if why.startswith(start))
+            kind = path_problem_kind(why)
             problems.append(Problem(split, row["ID"], kind, f"{path} {why}"))
             continue
         try:

@@ -204,6 +204,21 @@ def _other_unicode_form(path):
             f"normalisation form ({'; '.join(differ)}; macOS writes file names in NFD)")
 
 
+# describe_missing_audio's phrases by their start -> the pre-flight's problem kind (each kind has
+# its own fix there, speechtune.preflight.FIXES)
+PATH_KINDS = [("is empty", "empty_audio"), ("is a directory", "not_an_audio_file"),
+              ("is not a regular file", "not_an_audio_file"), ("is a symlink", "broken_symlink"),
+              ("is under a symlink loop", "broken_symlink"),
+              ("is not there as spelled", "audio_name_form"),
+              ("cannot be reached", "audio_permission"), ("is not readable", "audio_permission"),
+              ("", "missing_audio")]
+
+
+def path_problem_kind(phrase):
+    """The pre-flight's problem kind of a ``describe_missing_audio`` phrase."""
+    return next(kind for start, kind in PATH_KINDS if phrase.startswith(start))
+
+
 AUDIO_FIXES = {  # by the start of describe_missing_audio's phrase
     "is not there as spelled": "spell the name in the manifest as the file system does "
                                "(unicodedata.normalize('NFD', ...) or 'NFC'), or rename the file",
