@@ -12,6 +12,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from speechbrain.dataio.dataio import length_to_mask
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from transformers import AutoModelForCTC, AutoTokenizer
 from transformers.models.wavlm.modeling_wavlm import WavLMAttention
@@ -78,9 +79,9 @@ class SSLEncoder(Wav2Vec2):
         if self.normalize_wav:
             wav = normalize_per_utterance(wav, wav_lens)
         mask = None
-        if self.use_attention_mask and wav_lens is not None:
-            positions = torch.arange(wav.shape[1], device=wav.device)
-            mask = positions[None, :] < torch.round(wav_lens * wav.shape[1])[:, None]
+        if self.use_attention_mask and wav_lens is not None:  # max_len given: no .item()
+            mask = length_to_mask(torch.round(wav_lens * wav.shape[1]), max_len=wav.shape[1],
+                                  dtype=torch.bool)
         out = self.model(wav, attention_mask=mask, output_hidden_states=self.output_all_hiddens)
         if self.output_all_hiddens:
             out = torch.stack(list(out.hidden_states), dim=0)
