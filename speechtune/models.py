@@ -1,5 +1,6 @@
 """SSL encoders (WavLM, wav2vec2, HuBERT): SpeechBrain's Hugging Face wrapper with config
-overrides, per-utterance normalisation and WavLM attention through SDPA.
+overrides, per-utterance normalisation, WavLM attention through SDPA and SpecAugment masking
+drawn on the device.
 
 The source is what the yaml's ``model`` key resolves to (``speechtune.tiny.resolve_source``): a hub
 id (``microsoft/wavlm-large``) or a local folder in HF format. The Whisper wrappers are
@@ -8,6 +9,7 @@ id (``microsoft/wavlm-large``) or a local folder in HF format. The Whisper wrapp
 
 import contextlib
 import logging
+import types
 import warnings
 
 import torch
@@ -55,6 +57,7 @@ class SSLEncoder(Wav2Vec2):
             use_wavlm_attention(self.model, attention)
         else:
             self.model.set_attn_implementation(attention)
+        mask_on_device(self.model)
 
     def override_config(self, config):
         """Apply ``config_overrides`` (unknown attribute names are an error)."""
@@ -197,3 +200,67 @@ def use_wavlm_attention(model, attention):
         if isinstance(module, WavLMAttention):
             module.__class__ = cls
     return model
+
+
+def mask_on_device(model):
+    """Draw ``model``'s SpecAugment masks (``mask_time_prob``, ``mask_feature_prob``) on the
+    device: ``span_mask`` replaces transformers' ``_mask_hidden_states`` on this instance.
+
+    transformers draws them with numpy on the host after reading every utterance's frame count
+    (``.tolist()``, a host sync per training step on a GPU), then writes them through boolean
+    indexing (another); under ``torch.compile`` both break the graph. The spans follow the same
+    rule (below); the random draws differ."""
+    if not hasattr(model, "_mask_hidden_states"):  # transformers' private hook, checked here
+        raise TypeError(f"{type(model).__name__} has no _mask_hidden_states: this transformers "
+                        "version masks differently; speechtune's time masking needs updating")
+    model._mask_hidden_states = types.MethodType(_mask_hidden_states, model)
+    return model
+
+
+def _mask_hidden_states(model, hidden_states, mask_time_indices=None, attention_mask=None):
+    """transformers' rule: no masking without ``apply_spec_augment``; given time indices are
+    applied, else spans are drawn in training."""
+    config = model.config
+    if not getattr(config, "apply_spec_augment", True):
+        return hidden_states
+    batch, frames, width = hidden_states.shape
+    if mask_time_indices is None and config.mask_time_prob > 0 and model.training:
+        lengths = None if attention_mask is None else attention_mask.sum(-1)
+        mask_time_indices = span_mask(batch, frames, config.mask_time_prob,
+                                      config.mask_time_length, config.mask_time_min_masks,
+                                      lengths, hidden_states.device)
+    if mask_time_indices is not None:
+        embed = model.masked_spec_embed.to(hidden_states.dtype)
+        hidden_states = torch.where(mask_time_indices[..., None], embed, hidden_states)
+    if config.mask_feature_prob > 0 and model.training:
+        channels = span_mask(batch, width, config.mask_feature_prob, config.mask_feature_length,
+                             config.mask_feature_min_masks, None, hidden_states.device)
+        hidden_states = hidden_states.masked_fill(channels[:, None, :], 0)
+    return hidden_states
+
+
+def span_mask(batch, size, prob, span, min_spans, lengths=None, device=None):
+    """SpecAugment spans as transformers' ``_compute_mask_indices`` draws them, on the device and
+    without a host read: a ``(batch, size)`` bool mask.
+
+    Row ``b`` (``lengths[b]`` positions of ``size`` are real; None: all) gets ``n`` spans of
+    ``span`` positions, ``n = int(prob * length / span + eps)`` (``eps`` uniform in [0, 1), one
+    per batch), at least ``min_spans``, at most what fits (``size // span`` and ``length - span +
+    1``); their starts are distinct and uniform over ``0 .. length - span``, so every span ends
+    inside the utterance. Spans may overlap: ``prob`` bounds the masked share from above. A row
+    too short for one span gets none (transformers raises when the whole batch is)."""
+    lengths = (torch.full((batch,), size, device=device) if lengths is None
+               else lengths.to(device=device, dtype=torch.long))
+    starts = size - span + 1  # start positions a span fits in, in the padded length
+    if starts < 1:
+        return torch.zeros(batch, size, dtype=torch.bool, device=device)
+    count = (prob * lengths / span + torch.rand((), device=device)).floor().long()
+    count = count.clamp(min=min_spans).clamp(max=size // span)
+    count = torch.minimum(count, (lengths - span + 1).clamp(min=0))
+    most = min(starts, max(int(prob * size / span + 1), min_spans, 1))  # a bound on every count
+    fits = torch.arange(starts, device=device)[None, :] < (lengths - span + 1)[:, None]
+    draws = torch.where(fits, torch.rand(batch, starts, device=device), 2.0)  # unfit last
+    picked = draws.topk(most, dim=1, largest=False).indices  # a uniform sample, in draw order
+    kept = torch.arange(most, device=device)[None, :] < count[:, None]
+    first = torch.zeros(batch, size, device=device).scatter(1, picked, kept.float())
+    return F.max_pool1d(F.pad(first[:, None], (span - 1, 0)), span, stride=1)[:, 0].bool()
