@@ -19,6 +19,9 @@ optimizer trains (``parameter_groups``); the rest is here, once:
   that kept the retain sets (``speechtune.retain``); per-group WER/CER with bootstrap intervals
   (``speechtune.metrics``) when the manifests have group columns.
 
+The step itself (no host syncs; a batch with a non-finite loss skipped, named and counted) is
+``speechtune.step.DeviceStep``.
+
 Keys read here (a missing key is an error, never a silent default): ``optim``,
 ``freeze_encoder_steps``, ``valid_every_steps``, ``log_every_steps``, ``num_to_keep``,
 ``average_best``, ``train_logger``, ``group_bootstrap_resamples``, ``seed``, ``wer_computer``,
@@ -27,23 +30,23 @@ SpeechBrain's private members are overridden in ``speechtune.sb_compat`` only.
 """
 
 import logging
+import math
 
 import speechbrain as sb
 import torch
 from speechbrain.augment.time_domain import SpeedPerturb
 from speechbrain.nnet.schedulers import TriStageLRSchedule
 from speechbrain.utils.checkpoints import average_checkpoints
-from speechbrain.utils.distributed import ddp_all_reduce
 
 from speechtune import adapters, metrics
 from speechtune.checkpoints import RNGState
 from speechtune.outputs import report_groups, write_curves
-from speechtune.sb_compat import BrainCompat
+from speechtune.step import DeviceStep
 
 logger = logging.getLogger(__name__)
 
 
-class FineTuneBrain(BrainCompat):
+class FineTuneBrain(DeviceStep):
     """Per-group optimizers and LR schedules, staged freezing, best-WER checkpoints, curves."""
 
     tokenizer = None  # set by the family's recipe setup
@@ -172,63 +175,6 @@ class FineTuneBrain(BrainCompat):
         """Current LR of each optimizer."""
         return {f"lr_{n}": o.param_groups[0]["lr"] for n, o in self.optimizers_dict.items()}
 
-    # ------------------------------------------------------- failures of one batch (OOM, NaN)
-    def fit_batch(self, batch):
-        """SpeechBrain's training step; out of GPU memory, the error names the batch: its
-        utterances and their seconds, and the keys that make batches smaller."""
-        try:
-            return super().fit_batch(batch)
-        except torch.OutOfMemoryError as err:
-            seconds = sorted(((float(d), i) for d, i in zip(batch.duration, batch.id,
-                                                             strict=True)), reverse=True)
-            listed = ", ".join(f"{i} ({d:.1f} s)" for d, i in seconds[:5])
-            raise torch.OutOfMemoryError(
-                f"Out of GPU memory on a training batch of {len(seconds)} utterances, "
-                f"{sum(d for d, _ in seconds):.1f} s of audio, the longest {listed}. Lower "
-                "max_batch_seconds (duration-budget batches) or batch_size, lower max_duration "
-                "(drops long training utterances), or train with grad_accumulation_factor to "
-                "keep the effective batch. The checkpoints saved so far are intact: rerunning "
-                f"the command resumes.\n({err})") from err
-
-    def on_fit_batch_start(self, batch, should_step):
-        """Remember the batch's utterances (named if its loss is not finite)."""
-        self._batch_ids = list(batch.id)
-
-    def check_loss_isfinite(self, loss):
-        """A batch whose loss is not finite is counted, named in the log, and its optimizer
-        update skipped (``optimizers_step``); more than ``nonfinite_patience`` such batches in
-        an epoch stop the run with their utterance IDs (SpeechBrain counted them but still
-        stepped: in fp32/bf16 the NaN gradients then reached the weights)."""
-        if torch.isfinite(loss):
-            return
-        self.nonfinite_count += 1
-        self._skip_update = True
-        ids = ", ".join(self._batch_ids[:8]) + (" ..." if len(self._batch_ids) > 8 else "")
-        logger.warning("non-finite training loss on batch [%s]: its optimizer update is skipped "
-                       "(%d such batch(es) this epoch; nonfinite_patience: %d)", ids,
-                       self.nonfinite_count, self.nonfinite_patience)
-        if self.nonfinite_count > self.nonfinite_patience:
-            raise ValueError(
-                f"{self.nonfinite_count} training batches of epoch {self.current_epoch} had a "
-                f"non-finite loss (more than nonfinite_patience={self.nonfinite_patience}); the "
-                f"last held [{ids}]. Check those utterances (audio with NaN samples, transcripts "
-                "that do not match), lower the LR or max_grad_norm, or raise nonfinite_patience. "
-                "The checkpoints saved so far are intact: rerunning the command resumes.")
-
-    def optimizers_step(self):
-        """SpeechBrain's update, skipped (gradients dropped) when a batch accumulated into it had
-        a non-finite loss; under DDP every process skips it if one had (fp16's GradScaler skips
-        such updates itself)."""
-        skip, self._skip_update = getattr(self, "_skip_update", False), False
-        if self.distributed_launch:
-            flag = torch.tensor(float(skip), device=self.device)
-            skip = bool(ddp_all_reduce(flag, torch.distributed.ReduceOp.MAX).item())
-        if skip and not self.scaler.is_enabled():
-            for opt in self.optimizers_dict.values():
-                opt.zero_grad(set_to_none=True)
-            return
-        super().optimizers_step()
-
     def intra_epoch_checkpoint_allowed(self):
         """SpeechBrain's ``ckpt_interval_minutes`` / ``ckpt_interval_steps`` checkpoints, only
         right after an update: between accumulated batches the gradients so far are not in a
@@ -253,12 +199,15 @@ class FineTuneBrain(BrainCompat):
     # ------------------------------------------------------------------ hooks
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """After an optimizer step: schedule LRs, log the loss curve, validate every N steps."""
-        if not should_step or self.optimizer_step == getattr(self, "_last_update", None):
-            return  # no update this batch (accumulating, or skipped: non-finite loss)
-        self._last_update = step = self.optimizer_step
+        if not should_step:
+            return
+        step = self.optimizer_step
         self._step_schedulers()
-        if step % self.hparams.log_every_steps == 0:
-            self.hparams.history.add_train(step, float(loss.detach()), self.current_lrs())
+        if step % self.hparams.log_every_steps == 0:  # a host read, and one of all the flags
+            self.read_due()
+            shown = float(loss.detach())
+            if math.isfinite(shown):  # a skipped (non-finite) batch leaves no point
+                self.hparams.history.add_train(step, shown, self.current_lrs())
         every = self.hparams.valid_every_steps
         if every and step % every == 0 and self.valid_loader is not None:
             self._validate(end_of_epoch=False)
@@ -266,6 +215,7 @@ class FineTuneBrain(BrainCompat):
 
     def _validate(self, end_of_epoch):
         """Run the validation loop now (used for step-based validation inside an epoch)."""
+        self.read_train_state()  # the train loss logged beside it, and the checkpoint's
         self.on_stage_start(sb.Stage.VALID, self.current_epoch)
         self.modules.eval()
         avg = 0.0
@@ -276,6 +226,7 @@ class FineTuneBrain(BrainCompat):
 
     def on_stage_start(self, stage, epoch=None):
         """Fresh WER/CER accumulators for valid/test."""
+        super().on_stage_start(stage, epoch)
         if stage == sb.Stage.TRAIN:
             self.current_epoch = epoch
             self.train_stats = None
@@ -286,8 +237,8 @@ class FineTuneBrain(BrainCompat):
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Log stats; checkpoint on validation (best WER + latest kept); write test alignments."""
-        if stage == sb.Stage.TRAIN:
-            self.train_stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:  # SpeechBrain passes the last value the host read
+            self.train_stats = {"loss": self.read_train_state()}
         elif stage == sb.Stage.VALID:
             self._end_valid(stage_loss, end_of_epoch=True)
         else:

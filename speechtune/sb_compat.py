@@ -44,10 +44,16 @@ class BrainCompat(sb.Brain):
         """``optimizer_step_limit`` reached: training ends after this step."""
         return self._optimizer_step_limit_exceeded
 
+    def before_intra_epoch_checkpoint(self):
+        """Called right before SpeechBrain's timed/step checkpoint is saved (default: nothing)."""
+
     def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
         if not self.intra_epoch_checkpoint_allowed():
             return False
-        return super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
+        save = super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
+        if save:
+            self.before_intra_epoch_checkpoint()
+        return save
 
     def _fit_valid(self, valid_set, epoch, enable):
         if self.skip_epoch_end_validation():

@@ -1,0 +1,144 @@
+"""The training step without host reads (``speechtune.step``)."""
+
+import collections
+import contextlib
+import math
+import traceback
+from types import SimpleNamespace
+
+import pytest
+import speechbrain as sb
+import torch
+from fakes import experiment
+from test_time_masking import MASKING
+
+from speechtune.step import running_average
+
+#: the Tensor methods that copy a value to the host (on a GPU: wait for every queued kernel)
+HOST_READS = ("item", "tolist", "__float__", "__bool__", "__int__", "__index__", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Count the calls to ``HOST_READS`` while the block runs, by the speechtune, SpeechBrain or
+    transformers line that made them."""
+    seen, saved = collections.Counter(), {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name, method):
+        def read(self, *args, **kwargs):
+            caller = [f for f in traceback.extract_stack()[:-1] if any(
+                k in f.filename for k in ("speechtune", "speechbrain", "transformers"))]
+            seen[(name, f"{caller[-1].filename}:{caller[-1].lineno}" if caller else "?")] += 1
+            return method(self, *args, **kwargs)
+        return read
+
+    for name, method in saved.items():
+        setattr(torch.Tensor, name, counting(name, method))
+    try:
+        yield seen
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_the_device_average_is_speechbrains_bit_for_bit():
+    losses = [2.5, 1.75, float("nan"), 1.2345678, float("inf"), 0.9876543, 3.3333333, 0.1]
+    brain = SimpleNamespace(step=0)
+    host, device = 0.0, torch.tensor(0.0, dtype=torch.float64)
+    for step, value in enumerate(losses, start=1):
+        brain.step = step
+        loss = torch.tensor(value)  # float32, as a loss is
+        host = sb.Brain.update_average(brain, loss, host)
+        device = running_average(device, loss, step)
+        assert float(device) == host  # equal, not close
+
+
+def test_the_logged_losses_are_speechbrains(synthetic_subset, tmp_path):
+    """The epoch's train loss and the curve's points are what SpeechBrain's step logged: its
+    running average over the batch losses, and the loss of each logging step's batch."""
+    exp = experiment(synthetic_subset, tmp_path / "run", number_of_epochs=2, log_every_steps=2)
+    brain, losses, valid, epochs = exp.brain, [], [], []
+    objectives, stage_end, end_valid = brain.compute_objectives, brain.on_stage_end, \
+        brain._end_valid
+
+    def record(predictions, batch, stage):
+        loss = objectives(predictions, batch, stage)
+        kept = losses if stage == sb.Stage.TRAIN else valid
+        kept.append((brain.current_epoch, brain.optimizer_step + 1, float(loss.detach())))
+        return loss
+
+    def end(stage, stage_loss, epoch=None):
+        stage_end(stage, stage_loss, epoch)
+        if stage == sb.Stage.TRAIN:
+            epochs.append(brain.train_stats["loss"])
+
+    def validated(loss, end_of_epoch):
+        epochs.append(loss)
+        return end_valid(loss, end_of_epoch)
+
+    brain.compute_objectives, brain.on_stage_end, brain._end_valid = record, end, validated
+    exp.fit()
+
+    def speechbrains_average(values):
+        average, probe = 0.0, SimpleNamespace(step=0)
+        for probe.step, value in enumerate(values, start=1):
+            average = sb.Brain.update_average(probe, torch.tensor(value), average)
+        return average
+
+    expected = [speechbrains_average([v for e, _, v in kept if e == epoch])
+                for epoch in (1, 2) for kept in (losses, valid)]
+    assert epochs == expected  # train, valid, train, valid
+    assert brain.hparams.history.train == [[step, value] for _, step, value in losses
+                                           if step % 2 == 0]
+    assert len(brain.hparams.history.train) >= 4
+
+
+def test_a_training_step_reads_nothing_from_the_device(synthetic_subset, tmp_path):
+    """Between logging steps a step (forward with SpecAugment masks, CTC loss, backward, fused
+    AdamW update, running average) leaves the host nothing to wait for; a logging step reads."""
+    exp = experiment(synthetic_subset, tmp_path / "run", log_every_steps=3,
+                     encoder_config_overrides=MASKING)
+    brain = exp.brain
+    brain.on_fit_start()
+    brain.on_stage_start(sb.Stage.TRAIN, 1)
+    brain.modules.train()
+    loader = brain.make_dataloader(exp.train, sb.Stage.TRAIN, ckpt_prefix=None,
+                                   **exp.loader_kwargs["train"])
+    batches = iter(loader)
+    reads = []
+    for _ in range(3):
+        batch = next(batches)
+        with host_reads() as seen:
+            brain.step += 1
+            loss = brain.fit_batch(batch)
+            brain.avg_train_loss = brain.update_average(loss, brain.avg_train_loss)
+        reads.append(dict(seen))
+    assert reads[0] == {} and reads[1] == {}, reads[:2]
+    assert brain.optimizer_step == 3 and reads[2], "the third step logs: it reads"
+    assert math.isfinite(brain.avg_train_loss) and brain.avg_train_loss > 0
+
+
+@pytest.mark.parametrize("fused", [True, None])
+def test_a_non_finite_batch_is_skipped_and_named_at_the_next_read(synthetic_subset, tmp_path,
+                                                                 fused):
+    """Fused AdamW skips the update on the device; torch's default optimizer after one host read
+    of the flag. Either way the weights and moments stay finite, and the batch is named."""
+    exp = experiment(synthetic_subset, tmp_path / "run", fused_adamw=fused, log_every_steps=100)
+    brain, objectives, named = exp.brain, exp.brain.compute_objectives, []
+    poisoned = sorted(exp.train.data_ids)[0]
+
+    def poison(predictions, batch, stage):
+        loss = objectives(predictions, batch, stage)
+        return loss * float("nan") if poisoned in batch.id else loss
+
+    brain.compute_objectives = poison
+    brain.nonfinite_batch = lambda ids: named.append((brain.optimizer_step, list(ids)))
+    exp.fit()
+    assert len(named) == 1 and poisoned in named[0][1]
+    assert named[0][0] == brain.optimizer_step  # read at the epoch's end (no log step before)
+    for opt in brain.optimizers_dict.values():
+        assert opt.defaults["fused"] is fused
+        for state in opt.state.values():
+            assert int(state["step"]) == brain.optimizer_step - 1
+            assert all(torch.isfinite(state[k]).all() for k in ("exp_avg", "exp_avg_sq"))
+    assert all(torch.isfinite(p).all() for p in brain.modules.parameters())
