@@ -61,7 +61,10 @@ class CTCBrain(FineTuneBrain):
     # ------------------------------------------------------------------ forward / loss
     def compute_forward(self, batch, stage):
         """Augment (train) -> encoder (no autograd while frozen) -> head -> fp32 log-softmax."""
-        batch = batch.to(self.device)
+        # torch's CTC loss reads its lengths on the host (a sync if they live on a GPU): the
+        # batch keeps them from before the copy, for an unaugmented training batch's loss
+        batch.host_lengths = (batch.sig.lengths, batch.tokens.lengths)
+        batch = batch.to(self.device, non_blocking=True)  # pinned on a GPU: no host wait
         wavs, wav_lens = batch.sig
         if stage == sb.Stage.TRAIN and self.hparams.augmenter is not None:
             wavs, wav_lens = self.augment(wavs, wav_lens)
@@ -101,6 +104,8 @@ class CTCBrain(FineTuneBrain):
         if stage == sb.Stage.TRAIN and self.hparams.augmenter is not None:
             tokens = self.hparams.augmenter.replicate_labels(tokens)
             token_lens = self.hparams.augmenter.replicate_labels(token_lens)
+        elif stage == sb.Stage.TRAIN and hasattr(batch, "host_lengths"):
+            wav_lens, token_lens = batch.host_lengths
         with torch.autocast(device_type=self.device_type, enabled=False):
             loss = sb.nnet.losses.ctc_loss(log_probs.float(), tokens, wav_lens, token_lens,
                                            self.hparams.blank_index)

@@ -66,7 +66,7 @@ class WhisperBrain(FineTuneBrain):
     def compute_forward(self, batch, stage):
         """Augment (train) -> log-mel -> encoder (no autograd while frozen) -> decoder on the
         prefix + text tokens -> fp32 log-softmax; greedy (valid) or beam (test) hypotheses."""
-        batch = batch.to(self.device)
+        batch = batch.to(self.device, non_blocking=True)  # pinned on a GPU: no host wait
         wavs, wav_lens = batch.sig
         bos, bos_lens = batch.tokens_bos
         if stage == sb.Stage.TRAIN and self.hparams.augmenter is not None:
