@@ -14,10 +14,12 @@ while the GPU runs this one. Here nothing in the step reads the device:
   skips such updates itself, as before. A skipped update still counts as an optimizer step (the
   LR schedule moves on), as fp16's skips always did;
 - the host reads the average and the flags together (``read_train_state``), only where
-  something shows them: every ``log_every_steps`` updates (the progress bar, the curves), before
-  a validation, before a checkpoint and at the epoch's end. Each non-finite batch is then named
-  in the log and counted against ``nonfinite_patience``; too many stop the run there, at most
-  ``log_every_steps`` updates after the batch, with its utterance IDs.
+  something keeps them: every ``log_every_steps`` updates (the curves), before a validation,
+  before a checkpoint and at the epoch's end. Each non-finite batch is then named in the log and
+  counted against ``nonfinite_patience``; too many stop the run there, at most
+  ``log_every_steps`` updates after the batch, with its utterance IDs;
+- the progress bar shows the average through a copy that waits for nothing (``LaggedRead``): on
+  a GPU it is a step or two behind.
 
 Training batches are copied to a GPU from pinned memory without blocking the host.
 """
@@ -53,7 +55,7 @@ class DeviceStep(BrainCompat):
         """No device average yet (the first update starts it from ``avg_train_loss``: 0, or a
         resumed run's), no unread batches, no loss returned."""
         self._loss_average, self._unread, self._update_flag = None, [], None
-        self._read_due, self._returned_loss = False, None
+        self._read_due, self._returned_loss, self._shown = False, None, LaggedRead()
 
     def on_stage_start(self, stage, epoch=None):
         """A training stage starts a fresh device average."""
@@ -138,7 +140,8 @@ class DeviceStep(BrainCompat):
         if self._read_due:
             self._read_due = False
             return self.read_train_state()
-        return avg_loss
+        shown = self._shown.push(self._loss_average)  # the progress bar's, without a wait
+        return avg_loss if shown is None else shown
 
     def read_train_state(self):
         """The host read: set and return ``avg_train_loss`` from the device average; name every
@@ -176,6 +179,28 @@ class DeviceStep(BrainCompat):
     def before_intra_epoch_checkpoint(self):
         """The checkpoint holds ``avg_train_loss``: read it first."""
         self.read_train_state()
+
+
+class LaggedRead:
+    """The latest value of a device scalar that has reached the host without a wait: ``push``
+    starts a copy (pinned, non-blocking on a GPU) when the previous one has landed (its CUDA
+    event has completed) and returns the newest landed value (None before the first)."""
+
+    def __init__(self):
+        self.value, self._copy, self._landed = None, None, None
+
+    def push(self, scalar):
+        if self._copy is not None and (self._landed is None or self._landed.query()):
+            self.value, self._copy = float(self._copy), None  # landed: reading it waits for nothing
+        if self._copy is None:
+            self._copy = scalar.detach().to("cpu", non_blocking=True)
+            self._landed = None
+            if scalar.is_cuda:
+                self._landed = torch.cuda.Event()
+                self._landed.record()
+            else:  # already on the host
+                self.value, self._copy = float(self._copy), None
+        return self.value
 
 
 def out_of_memory(batch, err):
