@@ -121,8 +121,29 @@ class Whisper(SBWhisper):
                     torch.is_grad_enabled() and encoder_grad and not self.freeze):
                 encoded = self.forward_encoder(self._get_mel(wav))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            logits, attn, _ = self.forward_decoder(encoded, decoder_input_ids, use_cache=False)
+            # SpeechBrain's forward_decoder with the causal mask given: without one, transformers
+            # checks the positions for packed sequences with a host read (a sync per step)
+            out = self.model.decoder(encoder_hidden_states=encoded, input_ids=decoder_input_ids,
+                                     attention_mask=self.causal_mask(decoder_input_ids),
+                                     output_attentions=self.output_attentions, use_cache=False)
+            hidden = out.last_hidden_state
+            logits = (hidden @ self.model.decoder.embed_tokens.weight.to(hidden.dtype).T).float()
+        attn = None
+        if self.output_attentions:
+            attn = out.attentions[-1].flatten(0, 1)
         return encoded, logits, attn
+
+    def causal_mask(self, tokens):
+        """``(batch, 1, T, T)`` additive causal mask in the dtype the decoder computes in (the
+        autocast dtype, else its weights'): transformers takes a 4-D mask as it is."""
+        device = tokens.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else self.model.dtype)
+        length = tokens.shape[1]
+        future = torch.ones(length, length, dtype=torch.bool, device=tokens.device).triu(1)
+        mask = torch.zeros(length, length, dtype=dtype, device=tokens.device)
+        return mask.masked_fill(future, torch.finfo(dtype).min)[None, None].expand(
+            tokens.shape[0], 1, length, length)
 
     @property
     def window_seconds(self):

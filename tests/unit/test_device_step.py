@@ -11,6 +11,7 @@ import speechbrain as sb
 import torch
 from fakes import experiment
 from test_time_masking import MASKING
+from test_whisper import experiment as whisper_experiment
 
 from speechtune import step as step_module
 from speechtune.step import running_average
@@ -95,21 +96,16 @@ def test_the_logged_losses_are_speechbrains(synthetic_subset, tmp_path):
     assert len(brain.hparams.history.train) >= 4
 
 
-def test_a_training_step_reads_nothing_from_the_device(synthetic_subset, tmp_path):
-    """Between logging steps a step (forward with SpecAugment masks, CTC loss, backward, fused
-    AdamW update, running average) leaves the host nothing to wait for; a logging step reads.
-    The one read is the progress bar's copy of the average, which on a GPU reads a copy that
-    has landed (``LaggedRead``) and on the CPU is on the host already."""
-    exp = experiment(synthetic_subset, tmp_path / "run", log_every_steps=3,
-                     encoder_config_overrides=MASKING)
+def reads_in_three_steps(exp):
+    """Run three training steps of ``exp`` (the third a logging step: ``log_every_steps=3``);
+    for each, the progress bar's reads and the other host reads."""
     brain = exp.brain
     brain.on_fit_start()
     brain.on_stage_start(sb.Stage.TRAIN, 1)
     brain.modules.train()
     loader = brain.make_dataloader(exp.train, sb.Stage.TRAIN, ckpt_prefix=None,
                                    **exp.loader_kwargs["train"])
-    batches = iter(loader)
-    reads = []
+    batches, reads = iter(loader), []
     for _ in range(3):
         batch = next(batches)
         with host_reads() as seen:
@@ -118,9 +114,28 @@ def test_a_training_step_reads_nothing_from_the_device(synthetic_subset, tmp_pat
             brain.avg_train_loss = brain.update_average(loss, brain.avg_train_loss)
         shown = seen.pop(("__float__", f"{step_module.__file__}:push"), 0)  # the progress bar's
         reads.append((shown, dict(seen)))
-    assert reads[0] == (1, {}) and reads[1] == (1, {}), reads[:2]
-    assert brain.optimizer_step == 3 and reads[2][1], "the third step logs: it reads"
+    assert brain.optimizer_step == 3
     assert math.isfinite(brain.avg_train_loss) and brain.avg_train_loss > 0
+    return reads
+
+
+def test_a_training_step_reads_nothing_from_the_device(synthetic_subset, tmp_path):
+    """Between logging steps a step (forward with SpecAugment masks, CTC loss, backward, fused
+    AdamW update, running average) leaves the host nothing to wait for; a logging step reads.
+    The one read is the progress bar's copy of the average, which on a GPU reads a copy that
+    has landed (``LaggedRead``) and on the CPU is on the host already."""
+    reads = reads_in_three_steps(experiment(synthetic_subset, tmp_path / "run", log_every_steps=3,
+                                            encoder_config_overrides=MASKING))
+    assert reads[0] == (1, {}) and reads[1] == (1, {}), reads[:2]
+    assert reads[2][1], "the third step logs: it reads"
+
+
+def test_a_whisper_training_step_reads_nothing_from_the_device(synthetic_subset, tmp_path):
+    """The same for Whisper's step (log-mel, frozen encoder, decoder with its causal mask, NLL).
+    An encoder cache's first epoch copies each output to the host: that is what it keeps."""
+    exp = whisper_experiment(synthetic_subset, tmp_path / "run", log_every_steps=3)
+    reads = reads_in_three_steps(exp)
+    assert reads[0] == (1, {}) and reads[1] == (1, {}), reads[:2]
 
 
 @pytest.mark.parametrize("fused", [True, None])

@@ -127,13 +127,14 @@ def test_decoder_inputs_targets_and_padding(synthetic_subset, tmp_path):
         assert eos[i, : n - 1].tolist() == bos[i, 1:n].tolist()  # targets = inputs shifted by one
         assert eos[i, n - 1] == tok.eos_token_id
         assert tok.decode(bos[i, 4:n]) == words
-    seen, orig = [], brain.modules.whisper.forward_decoder
+    decoder = brain.modules.whisper.model.decoder
+    seen, orig = [], decoder.forward
 
-    def spy(enc, tokens, **kw):
-        seen.append(tokens.clone())
-        return orig(enc, tokens, **kw)
+    def spy(*args, input_ids, **kw):
+        seen.append(input_ids.clone())
+        return orig(*args, input_ids=input_ids, **kw)
 
-    brain.modules.whisper.forward_decoder = spy
+    decoder.forward = spy
     brain.compute_forward(batch, sb.Stage.TRAIN)
     lens = (bos_lens * bos.shape[1]).round().long()
     for i, n in enumerate(lens):
@@ -262,3 +263,15 @@ def test_the_beam_searcher_writes_what_speechbrains_writes_without_the_cross_cac
         theirs = S2SWhisperBeamSearcher(module=[whisper], **settings)(enc, lens)[0]
     assert ours == theirs and all(len(h) > 3 for h in ours)
     assert len(caches_ours) == 1 and len(set(copied)) == 2  # self-attention only vs both
+
+
+def test_the_training_decoder_pass_equals_speechbrains(synthetic_subset, tmp_path):
+    """Training gives the decoder its causal mask (no host read in transformers' mask code);
+    the logits are SpeechBrain's ``forward_decoder``'s."""
+    whisper = experiment(synthetic_subset, tmp_path / "run").brain.modules.whisper.eval()
+    torch.manual_seed(0)
+    tokens = torch.randint(0, whisper.model.config.vocab_size, (3, 9))
+    with torch.no_grad():
+        encoded, logits, _ = whisper(torch.randn(3, 16000), tokens)
+        expected, _, _ = whisper.forward_decoder(encoded, tokens, use_cache=False)
+    assert torch.allclose(logits, expected, atol=1e-5)
