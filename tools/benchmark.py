@@ -28,6 +28,7 @@ Run (CPU):  python tools/benchmark.py --model wavlm-tiny --data bundled --steps 
 """
 
 import argparse
+import collections
 import contextlib
 import csv
 import gc
@@ -38,6 +39,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +241,26 @@ def timed(step, batches, warmup, device, speech=speech_seconds):
     return time.perf_counter() - warm_end, sum(map(speech, done)), warm_end - start, done
 
 
+def host_syncs(step, batches, device):
+    """How often ``len(batches)`` steps made the host wait for the GPU (CUDA's sync debug
+    mode), and the five lines that did most; None on the CPU."""
+    if not device.startswith("cuda"):
+        return None, None
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for batch in batches:
+                step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sync(device)
+    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message))
+    return sum(sites.values()), [f"{site} x{n}" for site, n in sites.most_common(5)]
+
+
 def profile_table(step, batches, device, path):
     """torch.profiler over ``batches``: the top operators by device time, and how much of the
     wall time the device was busy (written to ``path``)."""
@@ -387,6 +409,7 @@ def run_variant(args, variant, family, yaml_path, model_dir, workdir):
         if args.profile:
             profile_table(step, batches[1:4], args.device,
                           Path(args.out) / f"profile_{args.model}_{variant}.txt")
+        row["host_syncs_3_steps"], row["sync_sites"] = host_syncs(step, batches[1:4], args.device)
         row["attention"] = overrides.get("attention", "-")
         row["compile"] = bool(run_opts.get("compile"))
         if row["compile"]:  # graphs compiled in the timed pass: shapes the first pass lacked
@@ -421,7 +444,8 @@ COLUMNS = [("model", "{}"), ("variant", "{}"), ("device", "{}"), ("data", "{}"),
            ("speech_s_per_batch", "{:.0f}"), ("audio_s_per_s", "{:.1f}"), ("vs_hf", "{:.2f}x"),
            ("step_ms", "{:.0f}"), ("tflops", "{:.1f}"), ("mfu", "{:.1%}"), ("peak_gib", "{:.1f}"),
            ("padding_mean", "{:.1%}"), ("loader_ratio", "{:.1f}x"), ("warmup_s", "{:.1f}"),
-           ("graphs", "{}"), ("first_pass_s", "{:.1f}"), ("timed_graphs", "{}")]
+           ("graphs", "{}"), ("first_pass_s", "{:.1f}"), ("timed_graphs", "{}"),
+           ("host_syncs_3_steps", "{}")]
 
 
 def markdown(rows):
