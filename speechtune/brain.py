@@ -216,13 +216,18 @@ class FineTuneBrain(DeviceStep):
     def _validate(self, end_of_epoch):
         """Run the validation loop now (used for step-based validation inside an epoch)."""
         self.read_train_state()  # the train loss logged beside it, and the checkpoint's
-        self.on_stage_start(sb.Stage.VALID, self.current_epoch)
+        self._end_valid(self.score_loader(self.valid_loader, self.current_epoch), end_of_epoch)
+
+    def score_loader(self, loader, epoch=None):
+        """Decode ``loader`` as validation does (modules in eval mode, greedy): fresh WER/CER
+        accumulators hold its scores; returns its mean loss. Leaves the modules in eval mode."""
+        self.on_stage_start(sb.Stage.VALID, epoch)
         self.modules.eval()
         avg = 0.0
-        for i, batch in enumerate(self.valid_loader, start=1):
+        for i, batch in enumerate(loader, start=1):
             loss = self.evaluate_batch(batch, sb.Stage.VALID)
             avg += (float(loss) - avg) / i
-        self._end_valid(avg, end_of_epoch)
+        return avg
 
     def on_stage_start(self, stage, epoch=None):
         """Fresh WER/CER accumulators for valid/test."""

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import speechbrain as sb
-import torch
 
 from speechtune import data
 
@@ -114,11 +113,7 @@ class RetainGuard:
         was_training = brain.modules.training
         for split, loader in self.loaders.items():
             brain.scoring_split = split
-            brain.on_stage_start(sb.Stage.VALID)
-            brain.modules.eval()
-            with torch.no_grad():
-                for batch in loader:
-                    brain.evaluate_batch(batch, sb.Stage.VALID)
+            brain.score_loader(loader)
             scores[split] = float(brain.wer_metric.summarize("error_rate"))
         brain.scoring_split = "valid"
         brain.modules.train(was_training)
