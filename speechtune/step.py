@@ -190,16 +190,15 @@ class LaggedRead:
         self.value, self._copy, self._landed = None, None, None
 
     def push(self, scalar):
-        if self._copy is not None and (self._landed is None or self._landed.query()):
+        if self._copy is not None and self._landed.query():
             self.value, self._copy = float(self._copy), None  # landed: reading it waits for nothing
         if self._copy is None:
-            self._copy = scalar.detach().to("cpu", non_blocking=True)
-            self._landed = None
-            if scalar.is_cuda:
-                self._landed = torch.cuda.Event()
+            copy = scalar.detach().to("cpu", non_blocking=True)
+            if not scalar.is_cuda:  # already on the host
+                self.value = float(copy)
+            else:
+                self._copy, self._landed = copy, torch.cuda.Event()
                 self._landed.record()
-            else:  # already on the host
-                self.value, self._copy = float(self._copy), None
         return self.value
 
 

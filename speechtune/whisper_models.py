@@ -139,11 +139,10 @@ class Whisper(SBWhisper):
         device = tokens.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else self.model.dtype)
-        length = tokens.shape[1]
-        future = torch.ones(length, length, dtype=torch.bool, device=tokens.device).triu(1)
-        mask = torch.zeros(length, length, dtype=dtype, device=tokens.device)
-        return mask.masked_fill(future, torch.finfo(dtype).min)[None, None].expand(
-            tokens.shape[0], 1, length, length)
+        batch, length = tokens.shape
+        future = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype,
+                            device=tokens.device).triu(1)  # 0 on and below the diagonal
+        return future.expand(batch, 1, length, length)
 
     @property
     def window_seconds(self):
