@@ -39,6 +39,21 @@ def test_config_overrides_apply_and_unknown_keys_fail(micro_encoder_dir, tmp_pat
         SSLEncoder(micro_encoder_dir, str(tmp_path), config_overrides={"layer_drop": 0.1})
 
 
+def test_masking_switched_on_for_a_checkpoint_saved_without_it_gets_an_initialised_embedding(
+        micro_encoder_dir, tmp_path):
+    """A checkpoint saved with masking off has no ``masked_spec_embed`` (the vector masked frames
+    get). Switched on by ``config_overrides``, transformers creates it; before 5.22 it left it
+    uninitialised (``torch.empty``: values up to 1e28 on 5.17-5.21, and non-finite CTC losses),
+    which is why setup.cfg asks for transformers 5.23 or newer. transformers' init is U(0, 1)."""
+    assert MICRO_ENCODER["mask_time_prob"] == 0.0  # the saved micro encoder has no embedding
+    enc = SSLEncoder(micro_encoder_dir, str(tmp_path), config_overrides={"mask_time_prob": 0.5})
+    embed = enc.model.masked_spec_embed
+    assert embed.shape == (32,)
+    assert 0.0 <= embed.min() and embed.max() < 1.0 and embed.std() > 0.1
+    enc.train()
+    assert enc(torch.randn(2, 16000)).isfinite().all()
+
+
 def test_tiny_presets_build_once_and_other_sources_pass_through(tmp_path):
     assert resolve_source("microsoft/wavlm-large", tmp_path, "encoder") == "microsoft/wavlm-large"
     with pytest.raises(ValueError, match="tiny_config is set but model=microsoft/wavlm-large"):
