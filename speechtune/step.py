@@ -16,8 +16,8 @@ while the GPU runs this one. Here nothing in the step reads the device:
 - the host reads the average and the flags together (``read_train_state``), only where
   something keeps them: every ``log_every_steps`` updates (the curves), before a validation,
   before a checkpoint and at the epoch's end. Each non-finite batch is then named in the log and
-  counted against ``nonfinite_patience``; too many stop the run there, at most
-  ``log_every_steps`` updates after the batch, with its utterance IDs;
+  counted against ``nonfinite_patience`` (under DDP, every process's batches); too many stop the
+  run there, at most ``log_every_steps`` updates after the batch, with its utterance IDs;
 - the progress bar shows the average through a copy that waits for nothing (``LaggedRead``): on
   a GPU it is a step or two behind.
 
@@ -149,28 +149,39 @@ class DeviceStep(BrainCompat):
         has had more than ``nonfinite_patience`` of them."""
         unread, self._unread = self._unread, []
         flags = torch.stack([bad for _, bad in unread]).tolist() if unread else []
-        for (ids, _), bad in zip(unread, flags, strict=True):
-            if bad:
-                self.nonfinite_batch(ids)
+        bad = [ids for (ids, _), flag in zip(unread, flags, strict=True) if flag]
+        for ids in bad:
+            self.nonfinite_batch(ids)
+        self.count_nonfinite(len(bad), bad[-1] if bad else None)
         if self._loss_average is not None:
             self.avg_train_loss = float(self._loss_average)
         return self.avg_train_loss
 
     def nonfinite_batch(self, batch_ids):
-        """Count and name a batch whose loss was not finite (its update was skipped); more than
-        ``nonfinite_patience`` in an epoch stop the run with their utterance IDs."""
-        self.nonfinite_count += 1
-        ids = ", ".join(batch_ids[:8]) + (" ..." if len(batch_ids) > 8 else "")
+        """Name a batch whose loss was not finite (its update was skipped) in the log."""
         logger.warning("non-finite training loss on batch [%s]: its optimizer update was skipped "
-                       "(%d such batch(es) this epoch; nonfinite_patience: %d)", ids,
-                       self.nonfinite_count, self.nonfinite_patience)
-        if self.nonfinite_count > self.nonfinite_patience:
-            raise ValueError(
-                f"{self.nonfinite_count} training batches of epoch {self.current_epoch} had a "
-                f"non-finite loss (more than nonfinite_patience={self.nonfinite_patience}); the "
-                f"last held [{ids}]. Check those utterances (audio with NaN samples, transcripts "
-                "that do not match), lower the LR or max_grad_norm, or raise nonfinite_patience. "
-                "The checkpoints saved so far are intact: rerunning the command resumes.")
+                       "(nonfinite_patience: %d per epoch)", _listed(batch_ids),
+                       self.nonfinite_patience)
+
+    def count_nonfinite(self, new, last_ids):
+        """Add ``new`` non-finite batches to the epoch's count; past ``nonfinite_patience`` stop
+        the run, naming ``last_ids``. Under DDP the count is every process's: each reads at the
+        same step (a log step, a validation, a checkpoint, the epoch's end), so all stop together
+        rather than one raising while the others wait in their next collective."""
+        if self.distributed_launch:
+            new = int(ddp_all_reduce(torch.tensor(new, device=self.device),
+                                     torch.distributed.ReduceOp.SUM))
+        self.nonfinite_count += new
+        if self.nonfinite_count <= self.nonfinite_patience:
+            return
+        where = (f"the last on this process held [{_listed(last_ids)}]" if last_ids else
+                 "this process's batches were finite: the log of the others names theirs")
+        raise ValueError(
+            f"{self.nonfinite_count} training batches of epoch {self.current_epoch} had a "
+            f"non-finite loss (more than nonfinite_patience={self.nonfinite_patience}); {where}. "
+            "Check those utterances (audio with NaN samples, transcripts that do not match), "
+            "lower the LR or max_grad_norm, or raise nonfinite_patience. The checkpoints saved "
+            "so far are intact: rerunning the command resumes.")
 
     def read_due(self):
         """Read the training state on the host after this batch's average is in (a log step)."""
@@ -200,6 +211,10 @@ class LaggedRead:
                 self._copy, self._landed = copy, torch.cuda.Event()
                 self._landed.record()
         return self.value
+
+
+def _listed(batch_ids, most=8):
+    return ", ".join(batch_ids[:most]) + (" ..." if len(batch_ids) > most else "")
 
 
 def out_of_memory(batch, err):

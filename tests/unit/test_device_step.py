@@ -162,3 +162,35 @@ def test_a_non_finite_batch_is_skipped_and_named_at_the_next_read(synthetic_subs
             assert int(state["step"]) == brain.optimizer_step - 1
             assert all(torch.isfinite(state[k]).all() for k in ("exp_avg", "exp_avg_sq"))
     assert all(torch.isfinite(p).all() for p in brain.modules.parameters())
+
+
+def _read_twice(rank, init_file, out):
+    """One DDP process: two reads, rank 1's first batch and rank 0's third non-finite."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=2)
+    brain = step_module.DeviceStep.__new__(step_module.DeviceStep)  # the reads alone: no Brain
+    brain.__dict__.update(distributed_launch=True, device="cpu", nonfinite_patience=1,
+                          nonfinite_count=0, current_epoch=1, avg_train_loss=0.0,
+                          _loss_average=None)
+    said = []
+    try:
+        for bad in ([rank == 1, False], [rank == 0]):
+            brain._unread = [([f"r{rank}b{i}"], torch.tensor(flag)) for i, flag in enumerate(bad)]
+            brain.read_train_state()
+            said.append(brain.nonfinite_count)
+    except ValueError as err:
+        said.append(str(err))
+    finally:
+        torch.distributed.destroy_process_group()
+    (out / f"rank{rank}.txt").write_text(repr(said))
+
+
+def test_under_ddp_every_process_counts_all_non_finite_batches_and_all_stop_together(tmp_path):
+    """Each process sees only its own batches' flags; a process that counted only its own would
+    go on (one bad batch each: within ``nonfinite_patience=1``) or stop alone while the others
+    wait in their next collective. The count is summed at each read, so both stop at the second."""
+    torch.multiprocessing.spawn(_read_twice, args=(tmp_path / "init", tmp_path), nprocs=2)
+    said = [eval((tmp_path / f"rank{rank}.txt").read_text()) for rank in (0, 1)]
+    assert [s[0] for s in said] == [1, 1]  # rank 1's bad batch, counted on both
+    assert "2 training batches" in said[0][1] and "held [r0b0]" in said[0][1]
+    assert "2 training batches" in said[1][1] and "were finite" in said[1][1]

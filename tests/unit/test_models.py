@@ -43,7 +43,7 @@ def test_masking_switched_on_for_a_checkpoint_saved_without_it_gets_an_initialis
         micro_encoder_dir, tmp_path):
     """A checkpoint saved with masking off has no ``masked_spec_embed`` (the vector masked frames
     get). Switched on by ``config_overrides``, transformers creates it; before 5.22 it left it
-    uninitialised (``torch.empty``: values up to 1e28 on 5.17-5.21, and non-finite CTC losses),
+    uninitialised (``torch.empty``: anything up to 1e38 on 5.17-5.21, non-finite CTC losses),
     which is why setup.cfg asks for transformers 5.23 or newer. transformers' init is U(0, 1)."""
     assert MICRO_ENCODER["mask_time_prob"] == 0.0  # the saved micro encoder has no embedding
     enc = SSLEncoder(micro_encoder_dir, str(tmp_path), config_overrides={"mask_time_prob": 0.5})
