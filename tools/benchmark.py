@@ -107,6 +107,11 @@ VARIANTS = {
         "compile": True, "compile_using_dynamic_shape_tracing": None}),
     "sdpa+compile-auto+buckets": ({"attention": "sdpa", "bucket_ratio": 1.25}, {
         "compile": True, "compile_using_dynamic_shape_tracing": None}),
+    # the same with CUDA graphs (torch.compile's "reduce-overhead"): each shape's kernels are
+    # recorded once and replayed by one launch; on the CPU it compiles like the line above
+    "sdpa+compile-graphs+buckets": ({"attention": "sdpa", "bucket_ratio": 1.25}, {
+        "compile": True, "compile_mode": "reduce-overhead",
+        "compile_using_dynamic_shape_tracing": None}),
     "recipe": ({}, {}),
     "recipe+compile": ({}, {"compile": True}),
     "cache": ({"encoder_cache": "memory"}, {}),
