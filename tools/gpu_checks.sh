@@ -7,10 +7,10 @@
 # Stages, most wanted first; each runs tools/benchmark.py under its own time limit (seconds) and
 # writes OUT_DIR/<stage>/results.{jsonl,md}, its profiles and OUT_DIR/<stage>.log; a stage cut off
 # at its limit keeps the rows it finished (the benchmark appends one per variant):
-#   step      WavLM-Large CTC: hf, sdpa, sdpa+buckets, with profiles and host syncs (180 s)
-#   whisper   whisper-medium with its encoder frozen: hf, cache (120 s)
-#   compile   WavLM-Large: hf, then torch.compile per bucket, then CUDA graphs (300 s)
-# About 10 minutes at most on one H100; OUT_DIR/summary.txt lists each stage's exit status
+#   step      WavLM-Large CTC: hf, sdpa, sdpa+buckets, with profiles and host syncs (150 s)
+#   whisper   whisper-medium with its encoder frozen: hf, cache (90 s)
+#   compile   WavLM-Large: hf, then torch.compile per bucket, then CUDA graphs (240 s)
+# 8 minutes at most; OUT_DIR/summary.txt lists each stage's exit status
 # (124: cut off at its limit). STAGES="step whisper" runs a subset; PYTHON names the interpreter.
 #
 # Smoke run on a machine without a GPU (tiny models, two steps; checks the script, not speed):
@@ -50,8 +50,8 @@ stage() {  # stage NAME LIMIT_S BENCHMARK_ARGS...
   echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/summary.txt"
 }
 
-stage step 180 --model "$ctc" --utterances 400 --variants hf,sdpa,sdpa+buckets --profile
-stage whisper 120 --model "$whisper" --utterances 400 --variants hf,cache
-stage compile 300 --model "$ctc" --utterances 400 \
+stage step 150 --model "$ctc" --utterances 400 --variants hf,sdpa,sdpa+buckets --profile
+stage whisper 90 --model "$whisper" --utterances 400 --variants hf,cache
+stage compile 240 --model "$ctc" --utterances 400 \
   --variants hf,sdpa+compile-auto+buckets,sdpa+compile-graphs+buckets
 cat "$out"/*/results.md 2>/dev/null
