@@ -103,6 +103,7 @@ def reads_in_three_steps(exp):
     brain.on_fit_start()
     brain.on_stage_start(sb.Stage.TRAIN, 1)
     brain.modules.train()
+    brain.nonfinite_count = 0  # as SpeechBrain's _fit_train sets it
     loader = brain.make_dataloader(exp.train, sb.Stage.TRAIN, ckpt_prefix=None,
                                    **exp.loader_kwargs["train"])
     batches, reads = iter(loader), []
