@@ -1,5 +1,6 @@
 """The training step without host reads (``speechtune.step``)."""
 
+import ast
 import collections
 import contextlib
 import math
@@ -166,7 +167,8 @@ def test_a_non_finite_batch_is_skipped_and_named_at_the_next_read(synthetic_subs
 
 
 def _read_twice(rank, init_file, out):
-    """One DDP process: two reads, rank 1's first batch and rank 0's third non-finite."""
+    """One DDP process making two reads: before the first, a batch of rank 1 was non-finite;
+    before the second, one of rank 0. Writes the count after each read, or the error."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=2)
     brain = step_module.DeviceStep.__new__(step_module.DeviceStep)  # the reads alone: no Brain
@@ -191,7 +193,7 @@ def test_under_ddp_every_process_counts_all_non_finite_batches_and_all_stop_toge
     go on (one bad batch each: within ``nonfinite_patience=1``) or stop alone while the others
     wait in their next collective. The count is summed at each read, so both stop at the second."""
     torch.multiprocessing.spawn(_read_twice, args=(tmp_path / "init", tmp_path), nprocs=2)
-    said = [eval((tmp_path / f"rank{rank}.txt").read_text()) for rank in (0, 1)]
+    said = [ast.literal_eval((tmp_path / f"rank{rank}.txt").read_text()) for rank in (0, 1)]
     assert [s[0] for s in said] == [1, 1]  # rank 1's bad batch, counted on both
     assert "2 training batches" in said[0][1] and "held [r0b0]" in said[0][1]
     assert "2 training batches" in said[1][1] and "were finite" in said[1][1]
