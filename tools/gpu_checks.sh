@@ -32,7 +32,8 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
 
 {
   date -u
-  git -C "$here/.." rev-parse HEAD 2>/dev/null
+  # a copied working tree has no .git: then the caller names the commit it sent
+  echo "commit: $(git -C "$here/.." rev-parse HEAD 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   "$py" -c 'import torch, transformers, speechbrain; print("torch", torch.__version__,
 "transformers", transformers.__version__, "speechbrain", speechbrain.__version__,
